@@ -1,0 +1,458 @@
+"""The on-disk artifact: the one module that knows its layout, file names and manifest.
+
+::
+
+    ROOT/
+      current                       the published version id (replaced atomically)
+      versions/<version>/
+        manifest.json               Manifest (format_version, parameters, checksums, ...)
+        level_<t>.npy               normalised gallery rows of level t (t = 0 .. qe_times-1)
+        level_<t>_norms.npy         their norms (raw row = norm * normalised row)
+        level_<t>.faiss             approximate kNN index over level t (approximate kNN only)
+        serving.faiss               FAISS index over the normalised expanded rows
+        ids.npy                     external ids (str), when given
+        meta_<i>.npy                metadata column i (name and type in the manifest)
+      .staging-<version>-<pid>/     a version being written (never read by a loader)
+      nightly_status.json           the scheduled job's last run (see index_builder.nightly)
+      .build.lock                   held by a running scheduled build
+
+A version is written into a staging directory, fsynced, renamed into ``versions/`` and only then
+made ``current`` by an atomic replace of the pointer file: a reader sees the old version or the
+new one, never half of one. Nothing is pickled: arrays are ``.npy`` loaded with
+``allow_pickle=False``, indexes FAISS's own format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "current"
+VERSIONS = "versions"
+SERVING_INDEX = "serving.faiss"
+IDS = "ids.npy"
+STAGING_PREFIX = ".staging-"
+STATUS = "nightly_status.json"
+LOCK = ".build.lock"
+VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
+
+
+class ArtifactError(Exception):
+    """An artifact or index root is missing, incomplete, corrupt or of another format."""
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class MetadataColumn(BaseModel):
+    name: str
+    dtype: str
+    file: str
+
+
+class LevelEntry(BaseModel):
+    level: int
+    rows: str
+    norms: str
+    index: str | None = None
+    index_type: str = "exact"
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+
+class ServingIndexEntry(BaseModel):
+    file: str = SERVING_INDEX
+    spec: str = "exact"
+    index_type: str = ""
+    nprobe: int | None = None
+    ef_search: int | None = None
+    recall_at_k: float | None = None
+    recall_k: int | None = None
+    recall_sample: int = 0
+
+
+class Manifest(BaseModel):
+    """Everything a loader or a person needs to know about one published version."""
+
+    format_version: int = FORMAT_VERSION
+    version: str
+    created_at: datetime
+    n: int
+    d: int
+    qe_k: int
+    effective_qe_k: int
+    alpha: float
+    qe_times: int
+    knn: dict[str, Any]
+    graph_recall: float | None = None
+    graph_recall_sample: int = 0
+    levels: list[LevelEntry]
+    serving_index: ServingIndexEntry
+    ids_file: str | None = None
+    metadata: list[MetadataColumn] = Field(default_factory=list)
+    files: dict[str, FileEntry]
+    input: dict[str, Any] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    software: dict[str, str] = Field(default_factory=dict)
+    quality: dict[str, Any] | None = None
+
+
+def status_path(root: Path) -> Path:
+    """Where the scheduled job records its last run under ``root``."""
+    return root / STATUS
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file a scheduled build holds so that two runs never overlap."""
+    return root / LOCK
+
+
+def new_version_id() -> str:
+    """A sortable, unique version id: UTC time to the microsecond plus a random suffix."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+
+
+def check_version_id(version: str) -> str:
+    """Return ``version`` if it is a well-formed id (so it can never escape the root)."""
+    if not VERSION_RE.match(version):
+        raise ArtifactError(f"{version!r} is not a version id")
+    return version
+
+
+# ---------------------------------------------------------------- writing
+
+
+class Staging:
+    """A version being written; files go in with the ``save_*`` methods, then :meth:`publish`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.version = new_version_id()
+        self.path = root / f"{STAGING_PREFIX}{self.version}-{os.getpid()}"
+        self.levels: list[LevelEntry] = []
+        self.metadata: list[MetadataColumn] = []
+        self.ids_file: str | None = None
+        self.serving = ServingIndexEntry()
+
+    def save_level(self, level: int, rows: np.ndarray, norms: np.ndarray, index=None,
+                   index_type: str = "exact", nprobe: int | None = None,
+                   ef_search: int | None = None) -> None:
+        """Store level ``level``'s normalised rows (n, d) float32, norms (n,), optional index."""
+        entry = LevelEntry(level=level, rows=f"level_{level}.npy", norms=f"level_{level}_norms.npy",
+                           index_type=index_type, nprobe=nprobe, ef_search=ef_search)
+        np.save(self.path / entry.rows, np.ascontiguousarray(rows, dtype=np.float32))
+        np.save(self.path / entry.norms, np.ascontiguousarray(norms, dtype=np.float32))
+        if index is not None:
+            entry.index = f"level_{level}.faiss"
+            faiss.write_index(index, str(self.path / entry.index))
+        self.levels.append(entry)
+
+    def save_serving_index(self, index, entry: ServingIndexEntry) -> None:
+        """Store the serving index over the normalised expanded rows."""
+        faiss.write_index(index, str(self.path / SERVING_INDEX))
+        self.serving = entry
+
+    def save_ids(self, ids: list[str]) -> None:
+        """Store the external ids (one per row)."""
+        self.ids_file = IDS
+        np.save(self.path / IDS, np.array(ids, dtype=np.str_))
+
+    def save_metadata(self, columns: dict[str, np.ndarray]) -> None:
+        """Store metadata columns (int, float or str arrays of n rows)."""
+        for i, (name, values) in enumerate(columns.items()):
+            col = MetadataColumn(name=name, dtype=values.dtype.kind, file=f"meta_{i}.npy")
+            np.save(self.path / col.file, values)
+            self.metadata.append(col)
+
+    def publish(self, keep: int = 3, **fields: Any) -> Manifest:
+        """Checksum, write the manifest, fsync, rename into place, switch ``current``, prune."""
+        files = {}
+        for p in sorted(self.path.iterdir()):
+            files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
+            _fsync(p)
+        manifest = Manifest(
+            version=self.version, created_at=datetime.now(timezone.utc), levels=self.levels,
+            serving_index=self.serving, ids_file=self.ids_file, metadata=self.metadata,
+            files=files, software=software_versions(), **fields,
+        )
+        _write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
+        _fsync(self.path)
+        versions = self.root / VERSIONS
+        versions.mkdir(exist_ok=True)
+        final = versions / self.version
+        os.rename(self.path, final)
+        _fsync(versions)
+        set_current(self.root, self.version)
+        logger.info("published version %s under %s", self.version, self.root)
+        prune(self.root, keep)
+        return manifest
+
+
+@contextmanager
+def staging(root: Path) -> Iterator[Staging]:
+    """A fresh staging directory under ``root``; removed again unless it was published."""
+    root.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(root)
+    stage = Staging(root)
+    stage.path.mkdir()
+    try:
+        yield stage
+    finally:
+        if stage.path.exists():
+            shutil.rmtree(stage.path, ignore_errors=True)
+
+
+def clean_stale_staging(root: Path) -> list[Path]:
+    """Remove staging directories left by builds whose process is gone; returns them."""
+    removed = []
+    for p in root.glob(f"{STAGING_PREFIX}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        logger.info("removed leftover %s", p.name)
+    return removed
+
+
+def set_current(root: Path, version: str) -> None:
+    """Atomically point ``current`` at an existing version."""
+    check_version_id(version)
+    if not (root / VERSIONS / version / MANIFEST).is_file():
+        raise ArtifactError(f"version {version} does not exist under {root}")
+    _write_atomic(root / CURRENT, (version + "\n").encode())
+    _fsync(root)
+
+
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` versions (never the current one); returns deleted ids."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    current = current_version(root)
+    versions = version_ids(root)
+    doomed = [v for v in versions[:-keep] if v != current]
+    for v in doomed:
+        shutil.rmtree(root / VERSIONS / v, ignore_errors=True)
+        logger.info("pruned old version %s", v)
+    return doomed
+
+
+# ---------------------------------------------------------------- reading
+
+
+def version_ids(root: Path) -> list[str]:
+    """Published version ids under ``root``, oldest first."""
+    d = root / VERSIONS
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if VERSION_RE.match(p.name) and p.is_dir())
+
+
+def current_version(root: Path) -> str | None:
+    """The version ``current`` points at, or ``None`` when nothing is published yet."""
+    try:
+        text = (root / CURRENT).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{root / CURRENT}: unreadable ({exc})") from exc
+    return check_version_id(text)
+
+
+def read_manifest(root: Path, version: str) -> Manifest:
+    """Parse and validate one version's manifest."""
+    path = root / VERSIONS / check_version_id(version) / MANIFEST
+    try:
+        raw = json.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"version {version}: no manifest") from exc
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"version {version}: manifest does not parse ({exc})") from exc
+    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+        found = raw.get("format_version") if isinstance(raw, dict) else None
+        raise ArtifactError(
+            f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise ArtifactError(f"version {version}: invalid manifest: {exc}") from exc
+
+
+def verify(root: Path, version: str | None = None) -> list[str]:
+    """Recompute every file's checksum; returns the problems found (empty when intact)."""
+    version = version or current_version(root)
+    if version is None:
+        raise ArtifactError(f"{root}: nothing published")
+    manifest = read_manifest(root, version)
+    base = root / VERSIONS / version
+    problems = []
+    for name, entry in manifest.files.items():
+        p = base / name
+        if not p.is_file():
+            problems.append(f"{name}: missing")
+        elif p.stat().st_size != entry.bytes:
+            problems.append(f"{name}: {p.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif _sha256(p) != entry.sha256:
+            problems.append(f"{name}: checksum mismatch")
+    return problems
+
+
+def rollback(root: Path, version: str | None = None) -> str:
+    """Make ``version`` (default: the one published before the current) current again."""
+    current = current_version(root)
+    versions = version_ids(root)
+    if version is None:
+        older = [v for v in versions if current is None or v < current]
+        if not older:
+            raise ArtifactError(f"{root}: no version older than {current} to roll back to")
+        version = older[-1]
+    if version not in versions:
+        raise ArtifactError(f"{root}: no version {version!r}")
+    problems = verify(root, version)
+    if problems:
+        raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
+    set_current(root, version)
+    return version
+
+
+@dataclass
+class Level:
+    """One level's normalised rows, norms and optional approximate index (for query expansion)."""
+
+    rows: np.ndarray
+    norms: np.ndarray
+    index: Any
+    entry: LevelEntry
+
+
+@dataclass
+class Artifact:
+    """A loaded, validated version: everything the searcher needs."""
+
+    root: Path
+    manifest: Manifest
+    levels: list[Level]
+    serving_index: Any
+    ids: np.ndarray | None
+    metadata: dict[str, np.ndarray]
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+
+def load(root: Path, version: str | None = None, *, check: bool = True,
+         mmap: bool = True) -> Artifact:
+    """Load a version (default: current), verifying checksums and shapes unless ``check=False``."""
+    version = version or current_version(root)
+    if version is None:
+        raise ArtifactError(f"{root}: nothing published yet")
+    manifest = read_manifest(root, version)
+    base = root / VERSIONS / version
+    if check:
+        problems = verify(root, version)
+        if problems:
+            raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
+    mode = "r" if mmap else None
+    n, d = manifest.n, manifest.d
+    levels = []
+    for entry in manifest.levels:
+        rows = _load_npy(base / entry.rows, mode, (n, d), np.float32)
+        norms = _load_npy(base / entry.norms, mode, (n,), np.float32)
+        index = _read_index(base / entry.index, n, d) if entry.index else None
+        levels.append(Level(rows, norms, index, entry))
+    if len(levels) != manifest.qe_times:
+        raise ArtifactError(f"version {version}: {len(levels)} levels for qe_times "
+                            f"{manifest.qe_times}")
+    serving = _read_index(base / manifest.serving_index.file, n, d)
+    ids = _load_npy(base / manifest.ids_file, mode, (n,), None) if manifest.ids_file else None
+    metadata = {c.name: _load_npy(base / c.file, mode, (n,), None) for c in manifest.metadata}
+    return Artifact(root, manifest, levels, serving, ids, metadata)
+
+
+def _load_npy(path: Path, mode, shape: tuple[int, ...], dtype) -> np.ndarray:
+    try:
+        arr = np.load(path, mmap_mode=mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise ArtifactError(f"{path.name}: unreadable ({exc})") from exc
+    if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+        raise ArtifactError(f"{path.name}: {arr.dtype} {arr.shape}, expected {shape}")
+    return arr
+
+
+def _read_index(path: Path, n: int, d: int):
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path.name}: FAISS cannot read it ({exc})") from exc
+    if index.ntotal != n or index.d != d:
+        raise ArtifactError(f"{path.name}: {index.ntotal} x {index.d}, expected {n} x {d}")
+    return index
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the artifact depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("aqe-retrieval")
+    except PackageNotFoundError:
+        own = "source"
+    return {"faiss": faiss.__version__, "numpy": np.__version__, "aqe-retrieval": own}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

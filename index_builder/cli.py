@@ -1,0 +1,228 @@
+"""``index-builder``: expand features, build and publish indexes, manage versions.
+
+Exit status: 0 success, 2 bad input or arguments (nothing written or published), 1 any other
+failure (nothing published).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from index_builder import artifact
+from index_builder.build import BuildConfig, ServingSpec, build
+from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
+from index_builder.inputs import InputError, open_embeddings
+from index_builder.knn import KnnConfigError, KnnSpec
+
+logger = logging.getLogger("index_builder")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_aqe_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("query expansion")
+    g.add_argument("--qe-k", type=_positive_int, default=10,
+                   help="neighbours averaged per row, the row itself included (default 10)")
+    g.add_argument("--alpha", type=float, default=3.0, help="weight exponent (default 3.0)")
+    g.add_argument("--qe-times", type=_positive_int, default=1,
+                   help="expansion rounds (default 1)")
+    g = p.add_argument_group("kNN graph")
+    g.add_argument("--knn", default="exact",
+                   help="'exact' (default) or a FAISS factory string, e.g. 'IVF4096,Flat', 'HNSW32'")
+    g.add_argument("--nprobe", type=_positive_int, help="IVF lists probed per search")
+    g.add_argument("--ef-search", type=_positive_int, help="HNSW efSearch")
+    g.add_argument("--train-size", type=_positive_int,
+                   help="rows sampled to train an approximate index (default: 50 x nlist)")
+    g.add_argument("--recall-sample", type=_positive_int, default=1000,
+                   help="rows whose approximate neighbour sets are checked against exact kNN")
+    g.add_argument("--seed", type=int, default=0, help="seed of every sample (default 0)")
+    g = p.add_argument_group("resources")
+    g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
+                   help=f"rows per block; memory grows with it (default {DEFAULT_BLOCK_SIZE})")
+    g.add_argument("--threads", type=_positive_int,
+                   help="FAISS/OpenMP threads (default: all cores)")
+    g.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="index-builder", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("expand", help="write AQE-expanded features (drop-in for fast-reid's aqe)")
+    p.add_argument("input", type=Path, help="gallery .npy file or directory of .npy shards")
+    p.add_argument("output", type=Path, help="expanded gallery, float32 .npy")
+    p.add_argument("--queries", type=Path, help="queries .npy: transductive mode")
+    p.add_argument("--queries-out", type=Path, help="expanded queries, float32 .npy")
+    _add_aqe_options(p)
+
+    p = sub.add_parser("build", help="expand a gallery, index it and publish a version")
+    p.add_argument("--gallery", type=Path, required=True, help=".npy file or shard directory")
+    p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
+    p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
+    p.add_argument("--root", type=Path, required=True, help="index root to publish into")
+    p.add_argument("--serving-index", default="exact",
+                   help="'exact' (default) or a FAISS factory string for the served index")
+    p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
+    p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    _add_aqe_options(p)
+
+    p = sub.add_parser("list", help="list published versions")
+    p.add_argument("root", type=Path)
+    p = sub.add_parser("verify", help="recompute a version's checksums (default: current)")
+    p.add_argument("root", type=Path)
+    p.add_argument("version", nargs="?")
+    p = sub.add_parser("rollback", help="make an older version current (default: the previous)")
+    p.add_argument("root", type=Path)
+    p.add_argument("version", nargs="?")
+    return parser
+
+
+def _knn_spec(args: argparse.Namespace) -> KnnSpec:
+    return KnnSpec(method=args.knn, nprobe=args.nprobe, ef_search=args.ef_search,
+                   train_size=args.train_size, recall_sample=args.recall_sample, seed=args.seed)
+
+
+def _params(args: argparse.Namespace) -> AqeParams:
+    return AqeParams(qe_k=args.qe_k, alpha=args.alpha, qe_times=args.qe_times)
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    if (args.queries is None) != (args.queries_out is None):
+        raise InputError("--queries and --queries-out go together")
+    gallery = open_embeddings(args.input)
+    source = gallery
+    nq = 0
+    if args.queries is not None:
+        queries = open_embeddings(args.queries)
+        nq = queries.n
+        source = queries.concat(gallery)
+    tmp = args.output.with_name(f".{args.output.name}.expanding-{os.getpid()}")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, source.d))
+    try:
+        _, report = expand_source(source, _params(args), _knn_spec(args),
+                                  block_size=args.block_size, out=out,
+                                  show_progress=False if args.no_progress else None,
+                                  label=str(args.input))
+        if nq:
+            _write_npy(args.queries_out, out[:nq], args.block_size)
+            _write_npy(args.output, out[nq:], args.block_size)
+            del out
+            tmp.unlink()
+        else:
+            out.flush()
+            del out
+            os.replace(tmp, args.output)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    recall = report.graph_recall
+    logger.info("expanded %d x %d (qe_k=%d effective, %d round(s))%s: %s", report.n, report.d,
+                report.effective_qe_k, len(report.rounds),
+                "" if recall is None else f", graph recall {recall:.4f}", args.output)
+    return 0
+
+
+def _write_npy(path: Path, rows: np.ndarray, block_size: int) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=rows.shape)
+    for lo in range(0, rows.shape[0], block_size):
+        out[lo : lo + block_size] = rows[lo : lo + block_size]
+    out.flush()
+    del out
+    os.replace(tmp, path)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    config = BuildConfig(
+        gallery=args.gallery, root=args.root, ids=args.ids, metadata=args.metadata,
+        params=_params(args), knn=_knn_spec(args),
+        serving=ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe,
+                            ef_search=args.serving_ef_search, seed=args.seed),
+        block_size=args.block_size, keep=args.keep, threads=args.threads,
+        show_progress=False if args.no_progress else None,
+    )
+    manifest = build(config)
+    summary = {
+        "version": manifest.version, "n": manifest.n, "d": manifest.d,
+        "effective_qe_k": manifest.effective_qe_k, "graph_recall": manifest.graph_recall,
+        "serving_index": manifest.serving_index.index_type,
+        "serving_recall": manifest.serving_index.recall_at_k, "timings_s": manifest.timings_s,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    current = artifact.current_version(args.root)
+    versions = artifact.version_ids(args.root)
+    if not versions:
+        print(f"no versions under {args.root}")
+        return 0
+    print(f"{'':2}{'version':<34}{'created (UTC)':<21}{'rows':>10}{'dim':>6}  index")
+    for v in versions:
+        mark = "* " if v == current else "  "
+        try:
+            m = artifact.read_manifest(args.root, v)
+            print(f"{mark}{v:<34}{m.created_at:%Y-%m-%d %H:%M:%S}  {m.n:>10}{m.d:>6}  "
+                  f"{m.serving_index.index_type}")
+        except artifact.ArtifactError as exc:
+            print(f"{mark}{v:<34}UNREADABLE: {exc}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    version = args.version or artifact.current_version(args.root)
+    problems = artifact.verify(args.root, version)
+    if problems:
+        for p in problems:
+            print(f"{version}: {p}", file=sys.stderr)
+        return 1
+    print(f"{version}: OK")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    version = artifact.rollback(args.root, args.version)
+    print(f"current is now {version}")
+    return 0
+
+
+COMMANDS = {"expand": cmd_expand, "build": cmd_build, "list": cmd_list, "verify": cmd_verify,
+            "rollback": cmd_rollback}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``index-builder`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(args, "threads", None):
+        faiss.omp_set_num_threads(args.threads)
+    try:
+        return COMMANDS[args.command](args)
+    except (InputError, KnnConfigError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    except artifact.ArtifactError as exc:
+        logger.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""AQE over a whole matrix, memory-bounded: normalise, kNN, expand, round after round.
+
+This is the reference's ``aqe`` (``shared/AQE.md``) without its N x N similarity matrix. Peak
+memory, for N rows of dimension d and ``k = qe_k``::
+
+    2 * N * d * 4 bytes       normalised rows of the previous level + the expanded rows
+  + N * k * 12 bytes          neighbour ids (int64) and similarities (float32)
+  + 2 * block * k * d * 4     gathered neighbour rows of one block
+  + the approximate kNN index, if any (e.g. ~N * d * 4 for IVF,Flat)
+
+The expanded rows can live in a memory-mapped file (``out=``) instead of RAM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from index_builder import aqe
+from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
+from index_builder.knn import KnnResult, KnnSpec, self_knn
+from index_builder.progress import progress
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 16384
+
+
+@dataclass(frozen=True)
+class AqeParams:
+    """The expansion's parameters, validated: ``qe_k >= 1``, ``qe_times >= 1``, finite ``alpha``."""
+
+    qe_k: int = 10
+    alpha: float = 3.0
+    qe_times: int = 1
+
+    def __post_init__(self) -> None:
+        if int(self.qe_k) != self.qe_k or self.qe_k < 1:
+            raise ValueError(f"qe_k must be an integer >= 1, got {self.qe_k}")
+        if int(self.qe_times) != self.qe_times or self.qe_times < 1:
+            raise ValueError(f"qe_times must be an integer >= 1, got {self.qe_times}")
+        if not np.isfinite(self.alpha):
+            raise ValueError(f"alpha must be finite, got {self.alpha}")
+
+
+@dataclass
+class RoundReport:
+    """What one round measured: kNN and expansion seconds, graph recall if approximate."""
+
+    round: int
+    knn_seconds: float
+    expand_seconds: float
+    graph_recall: float | None
+    recall_sample: int
+
+
+@dataclass
+class ExpansionReport:
+    """Summary of a whole expansion: effective ``qe_k``, per-round figures."""
+
+    n: int
+    d: int
+    effective_qe_k: int
+    read_seconds: float = 0.0
+    rounds: list[RoundReport] = field(default_factory=list)
+
+    @property
+    def graph_recall(self) -> float | None:
+        """The lowest per-round graph recall (``None`` in exact mode)."""
+        values = [r.graph_recall for r in self.rounds if r.graph_recall is not None]
+        return min(values) if values else None
+
+
+LevelHook = Callable[[int, np.ndarray, np.ndarray, KnnResult], None]
+"""Called with ``(level, normalised rows, norms, knn)`` for levels 0 .. qe_times - 1."""
+
+
+def load_normalized(
+    source: EmbeddingSource, block_size: int, label: str, show_progress: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read, validate and L2-normalise all rows: ``(u (n, d) float32, norms (n,) float32)``.
+
+    Raises :class:`~index_builder.inputs.InputError` naming NaN/Inf and all-zero rows.
+    """
+    n, d = source.n, source.d
+    u = np.empty((n, d), dtype=np.float32)
+    norms = np.empty(n, dtype=np.float32)
+    nonfinite: list[int] = []
+    zero: list[int] = []
+    with progress("read+normalise", n, enabled=show_progress) as update:
+        for start, block in source.blocks(block_size):
+            bad_nf, bad_z = bad_rows(block, start)
+            nonfinite += bad_nf
+            zero += bad_z
+            u[start : start + len(block)], norms[start : start + len(block)] = (
+                aqe.normalize_rows(block)
+            )
+            update(len(block))
+    raise_for_bad_rows(label, nonfinite, zero)
+    return u, norms
+
+
+def expand_source(
+    source: EmbeddingSource,
+    params: AqeParams,
+    knn: KnnSpec | None = None,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    out: np.ndarray | None = None,
+    on_level: LevelHook | None = None,
+    show_progress: bool | None = None,
+    label: str = "input",
+) -> tuple[np.ndarray, ExpansionReport]:
+    """Expand every row of ``source`` ``qe_times`` times; returns ``(X (n, d) float32, report)``.
+
+    ``out``, if given, is a writable (n, d) float32 array (e.g. a memmap) that receives the result.
+    ``on_level`` sees each level's normalised rows and kNN before they are released.
+    """
+    knn = knn or KnnSpec()
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n, d = source.n, source.d
+    k = aqe.effective_qe_k(params.qe_k, n)
+    if k < params.qe_k:
+        logger.warning("only %d rows: qe_k clamped from %d to %d", n, params.qe_k, k)
+    if out is not None and (out.shape != (n, d) or out.dtype != np.float32):
+        raise ValueError(f"out must be float32 of shape {(n, d)}, got {out.dtype} {out.shape}")
+    report = ExpansionReport(n=n, d=d, effective_qe_k=k)
+    t0 = time.perf_counter()
+    u, norms = load_normalized(source, block_size, label, show_progress)
+    report.read_seconds = time.perf_counter() - t0
+    x = u
+    for t in range(1, params.qe_times + 1):
+        with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
+            result = self_knn(u, k, knn, block_size, update)
+        if result.recall is not None:
+            logger.info("round %d: graph recall@%d %.4f on %d rows", t, k, result.recall,
+                        result.recall_sample)
+        if on_level:
+            on_level(t - 1, u, norms, result)
+        t1 = time.perf_counter()
+        last = t == params.qe_times
+        x = out if (last and out is not None) else np.empty((n, d), dtype=np.float32)
+        with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
+            for lo in range(0, n, block_size):
+                hi = min(n, lo + block_size)
+                x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
+                update(hi - lo)
+        report.rounds.append(
+            RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall,
+                        result.recall_sample)
+        )
+        if not last:
+            # x becomes the next level's normalised rows in place: raw = norm * u.
+            del u
+            norms = aqe.normalize_rows_inplace(x, block_size)
+            u = x
+    return x, report
+
+
+def expand_block(
+    u: np.ndarray, norms: np.ndarray, u_block: np.ndarray, ids: np.ndarray, alpha: float
+) -> np.ndarray:
+    """Expanded rows for one block: ``ids`` (b, k) neighbour rows of ``u_block`` (b, d) -> (b, d).
+
+    Weights use cosines recomputed from the normalised rows, so an approximate index's distance
+    estimates (PQ codes, ...) never leak into the result.
+    """
+    nb_u = u[ids]  # (b, k, d)
+    sims = np.einsum("bkd,bd->bk", nb_u, u_block)
+    nb_raw = nb_u * norms[ids][:, :, None]
+    return aqe.expand_rows(nb_raw, sims, alpha)
+
+
+def aqe_expand(
+    query_feat: np.ndarray | None,
+    gallery_feat: np.ndarray | str,
+    qe_times: int = 1,
+    qe_k: int = 10,
+    alpha: float = 3.0,
+    *,
+    knn: KnnSpec | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    show_progress: bool | None = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-bounded drop-in for fast-reid's ``aqe``: returns ``(query_feat, gallery_feat)``.
+
+    With queries, the graph spans queries and gallery together (transductive mode, the reference's
+    exact semantics); with ``query_feat=None`` (or 0 rows) the gallery is expanded over itself
+    (serving mode). Inputs are (n, d) float32/float16 arrays or ``.npy`` paths; outputs float32.
+    """
+    params = AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times)
+    gallery = as_source(gallery_feat)
+    num_query = 0 if query_feat is None else len(query_feat)
+    source = as_source(query_feat).concat(gallery) if num_query else gallery
+    x, _ = expand_source(source, params, knn, block_size=block_size, show_progress=show_progress)
+    return x[:num_query], x[num_query:]
