@@ -1,0 +1,263 @@
+"""The HTTP layer: a thin FastAPI app over :class:`~service.index_manager.IndexManager`.
+
+Only this module maps errors to status codes. Search runs in a plain ``def`` route (Starlette's
+threadpool; FAISS releases the GIL), so the event loop never waits on a search.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import faiss
+import numpy as np
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.filters import FilterError
+from service.index_manager import IndexManager, ReloadOutcome
+from service.metrics import Metrics
+from service.schemas import ErrorResponse, SearchRequest, SearchResponse
+from service.searcher import QueryError, Searcher
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
+    413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES"},
+    503: {"model": ErrorResponse, "description": "no index version loaded yet"},
+}
+
+
+class _BodyLimit:
+    """Pure ASGI middleware: refuse bodies over ``limit`` bytes before they are read whole."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(self.limit, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _too_large(self.limit, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _too_large(limit: int, send) -> None:
+    body = f'{{"detail":"request body over the {limit}-byte limit"}}'.encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class _Observe:
+    """Pure ASGI middleware: count and time every request by route template and status."""
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_observed(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
+
+
+def current_searcher(request: Request) -> Searcher:
+    """The searcher of the served version, taken once per request (503 before the first load)."""
+    searcher = request.app.state.manager.searcher
+    if searcher is None:
+        raise HTTPException(503, "no index version is loaded yet")
+    return searcher
+
+
+def require_admin(request: Request,
+                  authorization: Annotated[str | None, Header()] = None) -> None:
+    """Bearer-token check of admin routes (constant-time); off when no token is configured."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise HTTPException(404, "admin routes are off: AQE_ADMIN_TOKEN is not set")
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    if not hmac.compare_digest((authorization or "").encode(), expected):
+        raise HTTPException(401, "missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+ServedIndex = Annotated[Searcher, Depends(current_searcher)]
+
+
+def create_app(settings: Settings, manager: IndexManager | None = None) -> FastAPI:
+    """Build the app; the index is loaded and watched during the lifespan."""
+    manager = manager or IndexManager(settings.index_root, settings.verify_checksums,
+                                      settings.mmap)
+    metrics = Metrics(lambda: _state(manager))
+
+    def on_reload(outcome: ReloadOutcome) -> None:
+        if outcome.status == "loaded":
+            metrics.reloads.inc()
+        elif outcome.status == "failed":
+            metrics.reload_failures.inc()
+
+    manager.subscribe(on_reload)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        faiss.omp_set_num_threads(settings.threads)
+        manager.reload()
+        manager.start_watching(settings.reload_interval_s)
+        try:
+            yield
+        finally:
+            manager.stop()
+
+    app = FastAPI(title="AQE retrieval service", version="0.1.0", lifespan=lifespan,
+                  description="Nearest gallery items for an embedding, with online alpha-weighted "
+                  "query expansion over a FAISS index published by `index-builder build`.")
+    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_Observe, metrics=metrics)
+    app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
+
+    @app.exception_handler(QueryError)
+    @app.exception_handler(FilterError)
+    async def bad_query(request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS)
+    def search(body: SearchRequest, searcher: ServedIndex) -> JSONResponse:
+        """Nearest gallery items of each query embedding, best first."""
+        queries = _queries(body, settings)
+        if not 1 <= body.k <= settings.max_k:
+            raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
+        metrics.queries.observe(len(queries))
+        hits = searcher.search(queries, body.k, expand=body.expand_query, filters=body.filter)
+        results = [
+            [
+                {"id": searcher.external_id(h.row), "score": h.score}
+                | ({"metadata": searcher.metadata(h.row)} if body.with_metadata else {})
+                for h in row
+            ]
+            for row in hits
+        ]
+        return JSONResponse({"index_version": searcher.version, "results": results})
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", responses={503: {"model": ErrorResponse}})
+    def readyz() -> JSONResponse:
+        """200 once a version is loaded and warmed up, else 503."""
+        searcher = manager.searcher
+        if searcher is None:
+            return JSONResponse({"status": "not ready", "detail": "no index version loaded"}, 503)
+        return JSONResponse({"status": "ready", "index_version": searcher.version})
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        """The served version's manifest summary, reload state and nightly job status."""
+        return _info(manager)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        """Prometheus exposition."""
+        return PlainTextResponse(generate_latest(metrics.registry),
+                                 media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/admin/reload", dependencies=[Depends(require_admin)])
+    def admin_reload() -> JSONResponse:
+        """Reload ``current`` now (even if it is the served version); 409 if it was refused."""
+        outcome = manager.reload(force=True)
+        body = {"status": outcome.status, "version": outcome.version, "error": outcome.error,
+                "serving": manager.searcher.version if manager.searcher else None}
+        return JSONResponse(body, status_code=409 if outcome.status == "failed" else 200)
+
+    return app
+
+
+def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
+    if (body.embedding is None) == (body.embeddings is None):
+        raise QueryError("send exactly one of 'embedding' (one query) or 'embeddings' (a batch)")
+    rows = [body.embedding] if body.embedding is not None else body.embeddings
+    assert rows is not None
+    if not rows:
+        raise QueryError("'embeddings' is empty")
+    if len(rows) > settings.max_batch:
+        raise QueryError(f"batch of {len(rows)} is over the limit of {settings.max_batch}")
+    dims = {len(r) for r in rows}
+    if len(dims) != 1:
+        raise QueryError(f"embeddings of different lengths {sorted(dims)} in one batch")
+    if 0 in dims:
+        raise QueryError("empty embedding")
+    return np.asarray(rows, dtype=np.float32)
+
+
+def _state(manager: IndexManager) -> dict[str, Any]:
+    s = manager.searcher
+    state: dict[str, Any] = {}
+    if s is not None:
+        state.update(version=s.version, n=s.n, created_at=s.manifest.created_at.timestamp())
+    if manager.last_failure is not None:
+        state["last_reload_failure_at"] = manager.last_failure.at
+    return state
+
+
+def _info(manager: IndexManager) -> dict[str, Any]:
+    s = manager.searcher
+    out: dict[str, Any] = {"index_version": s.version if s else None, "ready": s is not None}
+    if s is not None:
+        m = s.manifest
+        out.update(
+            n=m.n, d=m.d, qe_k=m.qe_k, effective_qe_k=m.effective_qe_k, alpha=m.alpha,
+            qe_times=m.qe_times, knn=m.knn, graph_recall=m.graph_recall,
+            serving_index=m.serving_index.model_dump(), metadata_columns=[c.name for c in m.metadata],
+            built_at=m.created_at.isoformat(),
+            loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.loaded_at)),
+            quality=m.quality,
+        )
+    f = manager.last_failure
+    out["last_reload_failure"] = (
+        None if f is None else {"version": f.version, "error": f.error,
+                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.at))}
+    )
+    return out

@@ -1,0 +1,118 @@
+"""Which index version is served: load, verify, warm up off the request path, swap atomically.
+
+Requests read :attr:`IndexManager.searcher` once and keep that object to the end, so a swap never
+changes the version under a request in flight; the old version is released when its last
+request finishes. A version that fails to load is refused and remembered (not retried until
+``current`` changes or a reload is forced), and the previous one keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from index_builder import artifact
+from service.searcher import Searcher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReloadFailure:
+    version: str | None
+    error: str
+    at: float
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: ``loaded`` a new version, found it ``unchanged``, or ``failed``."""
+
+    status: str
+    version: str | None
+    error: str | None = None
+
+
+class IndexManager:
+    """Holds the served :class:`Searcher`; thread-safe reloads, lock-free reads."""
+
+    def __init__(self, root: Path, verify_checksums: bool = True, mmap: bool = True) -> None:
+        self.root = root
+        self.verify_checksums = verify_checksums
+        self.mmap = mmap
+        self.searcher: Searcher | None = None
+        self.last_failure: ReloadFailure | None = None
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._listeners: list[Callable[[ReloadOutcome], None]] = []
+
+    def subscribe(self, listener: Callable[[ReloadOutcome], None]) -> None:
+        """Call ``listener`` with the outcome of every reload (metrics use this)."""
+        self._listeners.append(listener)
+
+    def reload(self, force: bool = False) -> ReloadOutcome:
+        """Load ``current`` if it differs from the served version (always, with ``force``)."""
+        with self._lock:
+            outcome = self._reload_locked(force)
+        for listener in self._listeners:
+            listener(outcome)
+        return outcome
+
+    def _reload_locked(self, force: bool) -> ReloadOutcome:
+        served = self.searcher.version if self.searcher else None
+        try:
+            target = artifact.current_version(self.root)
+        except artifact.ArtifactError as exc:
+            return self._fail(None, str(exc))
+        if target is None:
+            return ReloadOutcome("unchanged", served, "nothing published yet")
+        if not force and (target == served or target == self._refused):
+            return ReloadOutcome("unchanged", served)
+        t0 = time.perf_counter()
+        try:
+            art = artifact.load(self.root, target, check=self.verify_checksums, mmap=self.mmap)
+            searcher = Searcher(art)
+            searcher.warm_up()
+        except Exception as exc:  # any failure to load must leave the old version serving
+            return self._fail(target, f"{type(exc).__name__}: {exc}")
+        self.searcher = searcher
+        self._refused = None
+        logger.info("serving version %s (loaded in %.2fs; was %s)", target,
+                    time.perf_counter() - t0, served)
+        return ReloadOutcome("loaded", target)
+
+    def _fail(self, version: str | None, error: str) -> ReloadOutcome:
+        self._refused = version
+        self.last_failure = ReloadFailure(version, error, time.time())
+        served = self.searcher.version if self.searcher else None
+        logger.error("refused version %s: %s (still serving %s)", version, error, served)
+        return ReloadOutcome("failed", version, error)
+
+    def start_watching(self, interval_s: float) -> None:
+        """Poll ``current`` every ``interval_s`` seconds in a daemon thread (0: never)."""
+        if interval_s <= 0 or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, args=(interval_s,),
+                                        name="index-watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                self.reload()
+            except Exception:  # the watcher must survive anything a reload throws
+                logger.exception("index watcher: reload raised")
+
+    def stop(self) -> None:
+        """Stop the watcher thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None

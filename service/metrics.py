@@ -1,0 +1,66 @@
+"""Prometheus metrics of one app instance (its own registry, so tests and apps never collide)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class Metrics:
+    """Request counters and latencies, queries per request, reloads, the served version."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("aqe_requests_total", "HTTP requests", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("aqe_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queries = Histogram("aqe_queries_per_request", "query embeddings per search request",
+                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+                                 registry=self.registry)
+        self.reloads = Counter("aqe_reloads_total", "index versions loaded", registry=self.registry)
+        self.reload_failures = Counter("aqe_reload_failures_total", "index versions refused",
+                                       registry=self.registry)
+        self.registry.register(_StateCollector(state))
+
+
+class _StateCollector:
+    """Gauges read at scrape time: served version, its age, rows, readiness, nightly staleness."""
+
+    def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
+        self.state = state
+
+    def collect(self):
+        s = self.state()
+        ready = GaugeMetricFamily("aqe_ready", "1 when a version is loaded and warmed up")
+        ready.add_metric([], 1.0 if s.get("version") else 0.0)
+        yield ready
+        if s.get("version"):
+            info = GaugeMetricFamily("aqe_index_info", "the served index version", labels=["version"])
+            info.add_metric([s["version"]], 1.0)
+            yield info
+            age = GaugeMetricFamily("aqe_index_age_seconds", "seconds since the served version was built")
+            age.add_metric([], time.time() - s["created_at"])
+            yield age
+            rows = GaugeMetricFamily("aqe_index_rows", "gallery rows in the served version")
+            rows.add_metric([], float(s["n"]))
+            yield rows
+        if s.get("last_reload_failure_at") is not None:
+            fail = GaugeMetricFamily("aqe_last_reload_failure_timestamp_seconds",
+                                     "when a version was last refused")
+            fail.add_metric([], s["last_reload_failure_at"])
+            yield fail
+        for name, help_text in (
+            ("nightly_staleness_seconds", "seconds since the nightly job last succeeded"),
+            ("nightly_consecutive_failures", "nightly runs failed in a row"),
+        ):
+            if s.get(name) is not None:
+                g = GaugeMetricFamily(f"aqe_{name}", help_text)
+                g.add_metric([], float(s[name]))
+                yield g

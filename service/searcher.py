@@ -1,0 +1,153 @@
+"""The searcher: one loaded index version, online query expansion, filtered top-k search.
+
+A :class:`Searcher` is immutable once built; the service swaps whole searchers on reload, so a
+request that took one keeps using it to the end. Search parameters (nprobe, efSearch, id
+selectors) are passed per call, never set on the shared index.
+
+Online expansion follows ``shared/AQE.md`` (serving mode): for level t = 0 .. qe_times - 1 the
+query's neighbours are itself (weight 1) and its top ``qe_k - 1`` rows of the level-t gallery,
+``q <- (q + sum_j s_j ** alpha * G_j) / qe_k``; then ``normalise(q)`` is searched in the serving
+index over the expanded gallery.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from index_builder import aqe
+from index_builder.artifact import Artifact, Level
+from index_builder.knn import exact_knn, search_parameters
+from service.filters import filter_mask
+
+logger = logging.getLogger(__name__)
+
+
+class QueryError(ValueError):
+    """A query the searcher cannot answer as asked (dimension, values, k, batch)."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    score: float
+
+
+class Searcher:
+    """Searches one loaded artifact version; safe to share between threads."""
+
+    def __init__(self, art: Artifact) -> None:
+        self.artifact = art
+        self.manifest = art.manifest
+        self.version = art.manifest.version
+        self.loaded_at = time.time()
+        self.n, self.d = art.manifest.n, art.manifest.d
+        self.qe_k = art.manifest.effective_qe_k
+        self.alpha = art.manifest.alpha
+        s = art.manifest.serving_index
+        self._serving_params = (s.nprobe, s.ef_search)
+        self._ivf = faiss.try_extract_index_ivf(art.serving_index)
+
+    def expand(self, queries: np.ndarray) -> np.ndarray:
+        """Online AQE of raw queries (q, d) float32 -> expanded (q, d) float32, un-normalised."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        for level in self.artifact.levels:
+            u, _ = aqe.normalize_rows(q)
+            rows, sims = self._level_neighbours(level, u, self.qe_k - 1)
+            q = aqe.expand_queries(q, rows, sims, self.alpha, self.qe_k)
+        return q
+
+    def _level_neighbours(self, level: Level, u: np.ndarray, k: int):
+        if k == 0:
+            return np.empty((len(u), 0, self.d), np.float32), np.empty((len(u), 0), np.float32)
+        if level.index is None:
+            _, ids = exact_knn(u, level.rows, k)
+        else:
+            e = level.entry
+            params = search_parameters(level.index, e.nprobe, e.ef_search)
+            _, ids = level.index.search(u, k, params=params)
+            if (ids < 0).any():  # an approximate index came back short: answer exactly
+                _, ids = exact_knn(u, level.rows, k)
+        nb_u = np.asarray(level.rows[ids.ravel()]).reshape(len(u), k, self.d)
+        sims = np.einsum("qkd,qd->qk", nb_u, u)
+        raw = nb_u * np.asarray(level.norms[ids.ravel()]).reshape(len(u), k, 1)
+        return raw, sims
+
+    def search(self, queries: np.ndarray, k: int, expand: bool = True,
+               filters: dict[str, Any] | None = None) -> list[list[Hit]]:
+        """Top-``k`` gallery rows for each raw query (q, d); best first, never padding."""
+        q = self.check_queries(queries)
+        if k < 1:
+            raise QueryError(f"k must be >= 1, got {k}")
+        xq = self.expand(q) if expand else q
+        u, _ = aqe.normalize_rows(xq)
+        mask = filter_mask(filters, self.artifact.metadata) if filters else None
+        sims, ids = self._serving_search(u, min(k, self.n), mask)
+        return [
+            [Hit(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0]
+            for srow, irow in zip(sims, ids, strict=True)
+        ]
+
+    def _serving_search(self, u: np.ndarray, k: int, mask: np.ndarray | None):
+        index = self.artifact.serving_index
+        nprobe, ef = self._serving_params
+        if mask is None:
+            return index.search(u, k, params=search_parameters(index, nprobe, ef))
+        allowed = int(mask.sum())
+        if allowed == 0:
+            return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
+        want = min(k, allowed)
+        sel = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+        sims, ids = index.search(u, want, params=self._params_with(sel, nprobe, ef))
+        if (ids < 0).any() and self._ivf is not None:
+            # A selective filter can empty the probed lists: probe them all before giving up.
+            sims, ids = index.search(u, want, params=self._params_with(sel, self._ivf.nlist, ef))
+        if (ids < 0).any():
+            sims, ids = self._exact_subset(u, want, np.flatnonzero(mask))
+        return sims, ids
+
+    def _params_with(self, sel, nprobe: int | None, ef: int | None):
+        index = self.artifact.serving_index
+        if self._ivf is not None:
+            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or self._ivf.nprobe)
+        if isinstance(index, faiss.IndexHNSW):
+            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef or index.hnsw.efSearch)
+        return faiss.SearchParameters(sel=sel)
+
+    def _exact_subset(self, u: np.ndarray, k: int, rows: np.ndarray):
+        vectors = self.artifact.serving_index.reconstruct_batch(rows)
+        sims, local = exact_knn(u, vectors, k)
+        return sims, np.where(local >= 0, rows[np.maximum(local, 0)], -1)
+
+    def check_queries(self, queries: np.ndarray) -> np.ndarray:
+        """Validate a (q, d) batch: right dimension, finite, not all zero."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[0] == 0:
+            raise QueryError("send at least one query embedding")
+        if q.shape[1] != self.d:
+            raise QueryError(f"embedding dimension {q.shape[1]} does not match the index's {self.d}")
+        bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
+        if len(bad):
+            raise QueryError(f"embeddings {bad[:10].tolist()} contain NaN or Inf")
+        zero = np.flatnonzero(~q.any(axis=1))
+        if len(zero):
+            raise QueryError(f"embeddings {zero[:10].tolist()} are all zeros")
+        return q
+
+    def external_id(self, row: int) -> str:
+        """The external id of gallery row ``row`` (its row number when no ids were given)."""
+        return str(self.artifact.ids[row]) if self.artifact.ids is not None else str(row)
+
+    def metadata(self, row: int) -> dict[str, Any]:
+        """Row ``row``'s metadata as JSON-ready values."""
+        return {name: col[row].item() for name, col in self.artifact.metadata.items()}
+
+    def warm_up(self) -> None:
+        """Touch every structure once so the first real request does not pay for page faults."""
+        probe = np.asarray(self.artifact.levels[0].rows[:1], dtype=np.float32)
+        self.search(np.ascontiguousarray(probe) + 0.0, k=1)

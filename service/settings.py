@@ -1,0 +1,30 @@
+"""The service's one settings object: environment variables prefixed ``AQE_``, validated at start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the search service; a bad value stops start-up with a clear message."""
+
+    model_config = SettingsConfigDict(env_prefix="AQE_", extra="ignore", frozen=True)
+
+    index_root: Path = Field(description="directory the index builder publishes into")
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=1, le=65535)
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of /admin routes; unset: admin routes are off"
+    )
+    reload_interval_s: float = Field(5.0, ge=0.0, description="poll of 'current'; 0 disables")
+    max_k: int = Field(100, ge=1, le=10_000)
+    max_batch: int = Field(256, ge=1, le=100_000)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size limit")
+    threads: int = Field(1, ge=1, le=1024, description="FAISS OpenMP threads per search")
+    verify_checksums: bool = Field(True, description="recompute checksums when loading a version")
+    mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
+    log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
