@@ -47,7 +47,8 @@ def aqe_weights(sims: np.ndarray, alpha: float) -> np.ndarray:
     of the reference's NaN.
     """
     s = np.asarray(sims, dtype=np.float32)
-    w = np.power(s, np.float32(alpha))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.power(s, np.float32(alpha))
     if float(alpha) != int(alpha):
         w = np.where(s < 0, np.float32(0.0), w)
     return w.astype(np.float32, copy=False)

@@ -328,7 +328,7 @@ def rollback(root: Path, version: str | None = None) -> str:
         if not older:
             raise ArtifactError(f"{root}: no version older than {current} to roll back to")
         version = older[-1]
-    if version not in versions:
+    if check_version_id(version) not in versions:
         raise ArtifactError(f"{root}: no version {version!r}")
     problems = verify(root, version)
     if problems:

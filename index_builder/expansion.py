@@ -84,23 +84,19 @@ def load_normalized(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read, validate and L2-normalise all rows: ``(u (n, d) float32, norms (n,) float32)``.
 
-    Raises :class:`~index_builder.inputs.InputError` naming NaN/Inf and all-zero rows.
+    Raises :class:`~index_builder.inputs.InputError` naming the first NaN/Inf and all-zero rows.
     """
     n, d = source.n, source.d
     u = np.empty((n, d), dtype=np.float32)
     norms = np.empty(n, dtype=np.float32)
-    nonfinite: list[int] = []
-    zero: list[int] = []
     with progress("read+normalise", n, enabled=show_progress) as update:
         for start, block in source.blocks(block_size):
-            bad_nf, bad_z = bad_rows(block, start)
-            nonfinite += bad_nf
-            zero += bad_z
+            # Stop at the first block with bad rows: naming them beats reading the rest.
+            raise_for_bad_rows(label, *bad_rows(block, start))
             u[start : start + len(block)], norms[start : start + len(block)] = (
                 aqe.normalize_rows(block)
             )
             update(len(block))
-    raise_for_bad_rows(label, nonfinite, zero)
     return u, norms
 
 

@@ -55,8 +55,10 @@ class EmbeddingSource:
             start += shard.shape[0]
 
     def concat(self, other: EmbeddingSource) -> EmbeddingSource:
-        """This source's rows followed by ``other``'s (same d and dtype required)."""
-        _check_compatible(self.shards + other.shards, self.paths + other.paths)
+        """This source's rows followed by ``other``'s (same d; dtypes may differ)."""
+        if other.d != self.d:
+            raise InputError(f"{other.paths[0]}: dimension {other.d} differs from "
+                             f"{self.paths[0]}'s {self.d}")
         return EmbeddingSource(self.shards + other.shards, self.paths + other.paths)
 
 

@@ -1,0 +1,60 @@
+"""Serving mode: the online query expansion equals the reference's row for that query."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import clustered_data, random_data
+from reference import normalize, reference_aqe
+
+from index_builder import artifact
+from index_builder.build import BuildConfig, build
+from index_builder.expansion import AqeParams
+from service.searcher import Searcher
+
+
+def _searcher(tmp_path, g, qe_k, alpha, qe_times) -> Searcher:
+    np.save(tmp_path / "g.npy", g)
+    build(BuildConfig(gallery=tmp_path / "g.npy", root=tmp_path / "root",
+                      params=AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
+                      show_progress=False))
+    return Searcher(artifact.load(tmp_path / "root"))
+
+
+@pytest.mark.parametrize(("qe_k", "alpha"), [(10, 3.0), (2, 1.0), (5, 0.5), (1, 3.0)])
+def test_expanded_query_equals_the_reference_row(tmp_path, qe_k, alpha):
+    g = clustered_data(800, 24, seed=qe_k)
+    s = _searcher(tmp_path, g, qe_k, alpha, 1)
+    queries = random_data(20, 24, seed=99) + g[:20]  # near gallery items, not copies
+    ours = s.expand(queries)
+    for i, q in enumerate(queries):
+        ref_q, _, _ = reference_aqe(q[None], g, 1, qe_k, alpha)
+        np.testing.assert_allclose(ours[i], ref_q[0], rtol=0,
+                                   atol=1e-5 * np.linalg.norm(ref_q[0]))
+
+
+def test_two_rounds_follow_the_serving_contract(tmp_path):
+    g = clustered_data(500, 16, seed=4)
+    s = _searcher(tmp_path, g, 6, 3.0, 2)
+    q = g[7:8] * 1.1 + 0.05
+    # round 1 against the raw gallery, round 2 against the gallery expanded once (no queries)
+    _, g1, _ = reference_aqe(g[:0], g, 1, 6, 3.0)
+    q1, _, _ = reference_aqe(q, g, 1, 6, 3.0)
+    q2, _, _ = reference_aqe(q1, g1, 1, 6, 3.0)
+    np.testing.assert_allclose(s.expand(q), q2, rtol=0, atol=1e-5 * np.linalg.norm(q2))
+
+
+def test_ranking_equals_brute_force_over_the_expanded_gallery(tmp_path):
+    g = clustered_data(900, 32, seed=8)
+    s = _searcher(tmp_path, g, 10, 3.0, 1)
+    _, g_exp, _ = reference_aqe(g[:0], g, 1, 10, 3.0)
+    queries = g[::50] + 0.02
+    hits = s.search(queries, k=15)
+    expanded = s.expand(queries)
+    sims = normalize(expanded) @ normalize(g_exp).T
+    for i, row in enumerate(hits):
+        expected = np.argsort(-sims[i], kind="stable")[:15]
+        got = [h.row for h in row]
+        np.testing.assert_allclose([h.score for h in row], sims[i, expected], atol=1e-5)
+        # equal up to exact ties (duplicate gallery rows score the same)
+        assert sorted(np.round(sims[i, got], 5)) == sorted(np.round(sims[i, expected], 5))

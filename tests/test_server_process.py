@@ -1,0 +1,88 @@
+"""The real thing: ``search-service`` started as a process, spoken to over loopback HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from index_builder.cli import main as builder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tmp_path, small_gallery):
+    _, paths = small_gallery
+    root = tmp_path / "root"
+    assert builder(["build", "--gallery", str(paths["gallery"]), "--ids", str(paths["ids"]),
+                    "--metadata", str(paths["metadata"]), "--root", str(root), "--qe-k", "5",
+                    "--no-progress"]) == 0
+    port = free_port()
+    env = {**os.environ, "AQE_INDEX_ROOT": str(root), "AQE_PORT": str(port),
+           "AQE_RELOAD_INTERVAL_S": "0.2", "AQE_ADMIN_TOKEN": "secret"}
+    log = (tmp_path / "server.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("search-service did not become ready:\n"
+                        + (tmp_path / "server.log").read_text())
+        yield url, root, paths
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_served_over_http_with_reload(server, small_gallery):
+    url, root, paths = server
+    x, _ = small_gallery
+    r = httpx.post(f"{url}/search", json={"embedding": (x[3] + 0.01).tolist(), "k": 4,
+                                          "with_metadata": True,
+                                          "filter": {"camera": {"in": [3]}}})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["results"][0][0] == {"id": "img-00003", "score": pytest.approx(1, abs=0.2),
+                                     "metadata": {"camera": 3, "ts": 3, "label": "p0"}}
+    first = body["index_version"]
+    assert httpx.post(f"{url}/search", json={"embedding": [1.0]}).status_code == 400
+    assert builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root),
+                    "--no-progress"]) == 0
+    deadline = time.monotonic() + 15
+    while httpx.get(f"{url}/info").json()["index_version"] == first:
+        assert time.monotonic() < deadline, "new version not picked up"
+        time.sleep(0.1)
+    r = httpx.post(f"{url}/search", json={"embeddings": [np.ones(32).tolist()] * 2, "k": 2})
+    assert r.status_code == 200 and r.json()["index_version"] != first
+    assert "aqe_reloads_total 2.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_bad_configuration_stops_start_up(tmp_path):
+    env = {**os.environ, "AQE_INDEX_ROOT": str(tmp_path), "AQE_MAX_K": "0"}
+    proc = subprocess.run([sys.executable, "-m", "service.main"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2
+    assert "AQE_MAX_K" in proc.stderr
