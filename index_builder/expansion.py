@@ -5,7 +5,8 @@ memory, for N rows of dimension d and ``k = qe_k``::
 
     2 * N * d * 4 bytes       normalised rows of the previous level + the expanded rows
   + N * k * 12 bytes          neighbour ids (int64) and similarities (float32)
-  + 2 * block * k * d * 4     gathered neighbour rows of one block
+  + block * k * 8             one kNN block's results
+  + 1024 * k * d * 8          gathered neighbour rows of one expansion chunk (EXPAND_CHUNK)
   + the approximate kNN index, if any (e.g. ~N * d * 4 for IVF,Flat)
 
 The expanded rows can live in a memory-mapped file (``out=``) instead of RAM.
@@ -28,6 +29,8 @@ from index_builder.progress import progress
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16384
+EXPAND_CHUNK = 1024
+"""Rows expanded at a time: their gathered neighbours take ``EXPAND_CHUNK * k * d * 8`` bytes."""
 
 
 @dataclass(frozen=True)
@@ -142,8 +145,9 @@ def expand_source(
         last = t == params.qe_times
         x = out if (last and out is not None) else np.empty((n, d), dtype=np.float32)
         with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
-            for lo in range(0, n, block_size):
-                hi = min(n, lo + block_size)
+            step = min(block_size, EXPAND_CHUNK)
+            for lo in range(0, n, step):
+                hi = min(n, lo + step)
                 x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
                 update(hi - lo)
         report.rounds.append(
