@@ -34,7 +34,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,7 @@ def lock_path(root: Path) -> Path:
 
 def new_version_id() -> str:
     """A sortable, unique version id: UTC time to the microsecond plus a random suffix."""
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(3)
 
 
 def check_version_id(version: str) -> str:
@@ -192,7 +192,7 @@ class Staging:
             files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
             _fsync(p)
         manifest = Manifest(
-            version=self.version, created_at=datetime.now(timezone.utc), levels=self.levels,
+            version=self.version, created_at=datetime.now(UTC), levels=self.levels,
             serving_index=self.serving, ids_file=self.ids_file, metadata=self.metadata,
             files=files, software=software_versions(), **fields,
         )
