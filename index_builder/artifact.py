@@ -381,12 +381,12 @@ def load(root: Path, version: str | None = None, *, check: bool = True,
     for entry in manifest.levels:
         rows = _load_npy(base / entry.rows, mode, (n, d), np.float32)
         norms = _load_npy(base / entry.norms, mode, (n,), np.float32)
-        index = _read_index(base / entry.index, n, d) if entry.index else None
+        index = _read_index(base / entry.index, n, d, mmap) if entry.index else None
         levels.append(Level(rows, norms, index, entry))
     if len(levels) != manifest.qe_times:
         raise ArtifactError(f"version {version}: {len(levels)} levels for qe_times "
                             f"{manifest.qe_times}")
-    serving = _read_index(base / manifest.serving_index.file, n, d)
+    serving = _read_index(base / manifest.serving_index.file, n, d, mmap)
     ids = _load_npy(base / manifest.ids_file, mode, (n,), None) if manifest.ids_file else None
     metadata = {c.name: _load_npy(base / c.file, mode, (n,), None) for c in manifest.metadata}
     return Artifact(root, manifest, levels, serving, ids, metadata)
@@ -402,9 +402,12 @@ def _load_npy(path: Path, mode, shape: tuple[int, ...], dtype) -> np.ndarray:
     return arr
 
 
-def _read_index(path: Path, n: int, d: int):
+def _read_index(path: Path, n: int, d: int, mmap: bool = False):
+    # IO_FLAG_MMAP_IFC maps flat codes (IndexFlat, HNSW storage) from the file instead of copying
+    # them: worker processes then share one copy through the page cache.
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise ArtifactError(f"{path.name}: FAISS cannot read it ({exc})") from exc
     if index.ntotal != n or index.d != d:
