@@ -117,7 +117,6 @@ def main() -> None:
         index = s.artifact.serving_index
         from index_builder.aqe import normalize_rows
 
-        uq, _ = normalize_rows(queries)
         res: dict = {"n": a.n, "d": a.d, "k": a.k, "serving_index": a.serving_index}
         res["raw_faiss_p50_ms"], res["raw_faiss_p99_ms"] = percentiles(
             timed(lambda q: index.search(normalize_rows(q)[0], a.k), queries, a.repeat))

@@ -1,7 +1,7 @@
 """``index-builder``: expand features, build and publish indexes, manage versions.
 
 Exit status: 0 success, 2 bad input or arguments (nothing written or published), 1 any other
-failure (nothing published).
+failure (nothing published), 3 (nightly) another run holds the root's lock.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index_builder import artifact
+from index_builder import artifact, nightly
 from index_builder.build import BuildConfig, ServingSpec, build
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import InputError, open_embeddings
@@ -58,6 +58,19 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
+def _add_build_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gallery", type=Path, required=True, help=".npy file or shard directory")
+    p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
+    p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
+    p.add_argument("--root", type=Path, required=True, help="index root to publish into")
+    p.add_argument("--serving-index", default="exact",
+                   help="'exact' (default) or a FAISS factory string for the served index")
+    p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
+    p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    _add_aqe_options(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="index-builder", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -71,16 +84,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_aqe_options(p)
 
     p = sub.add_parser("build", help="expand a gallery, index it and publish a version")
-    p.add_argument("--gallery", type=Path, required=True, help=".npy file or shard directory")
-    p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
-    p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
-    p.add_argument("--root", type=Path, required=True, help="index root to publish into")
-    p.add_argument("--serving-index", default="exact",
-                   help="'exact' (default) or a FAISS factory string for the served index")
-    p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
-    p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
-    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
-    _add_aqe_options(p)
+    _add_build_options(p)
+    p = sub.add_parser("nightly", help="the scheduled build: locked, records its outcome",
+                       description="A build that holds the root's lock (a concurrent run exits 3 "
+                       "and changes nothing) and records its outcome in the nightly status file.")
+    _add_build_options(p)
 
     p = sub.add_parser("list", help="list published versions")
     p.add_argument("root", type=Path)
@@ -148,8 +156,9 @@ def _write_npy(path: Path, rows: np.ndarray, block_size: int) -> None:
     os.replace(tmp, path)
 
 
-def cmd_build(args: argparse.Namespace) -> int:
-    config = BuildConfig(
+def build_config(args: argparse.Namespace) -> BuildConfig:
+    """The :class:`BuildConfig` of parsed ``build``/``nightly`` arguments."""
+    return BuildConfig(
         gallery=args.gallery, root=args.root, ids=args.ids, metadata=args.metadata,
         params=_params(args), knn=_knn_spec(args),
         serving=ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe,
@@ -157,6 +166,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         block_size=args.block_size, keep=args.keep, threads=args.threads,
         show_progress=False if args.no_progress else None,
     )
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    config = build_config(args)
     manifest = build(config)
     summary = {
         "version": manifest.version, "n": manifest.n, "d": manifest.d,
@@ -166,6 +179,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     }
     print(json.dumps(summary, indent=2))
     return 0
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    code, status = nightly.run_until_sigterm(build_config(args))
+    if status is not None:
+        print(json.dumps(status.model_dump(mode="json"), indent=2))
+    return code
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -203,8 +223,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"expand": cmd_expand, "build": cmd_build, "list": cmd_list, "verify": cmd_verify,
-            "rollback": cmd_rollback}
+COMMANDS = {"expand": cmd_expand, "build": cmd_build, "nightly": cmd_nightly, "list": cmd_list,
+            "verify": cmd_verify, "rollback": cmd_rollback}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

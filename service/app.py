@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from index_builder import nightly
 from service.filters import FilterError
 from service.index_manager import IndexManager, ReloadOutcome
 from service.metrics import Metrics
@@ -135,7 +136,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     """Build the app; the index is loaded and watched during the lifespan."""
     manager = manager or IndexManager(settings.index_root, settings.verify_checksums,
                                       settings.mmap)
-    metrics = Metrics(lambda: _state(manager))
+    metrics = Metrics(lambda: _state(manager, settings))
 
     def on_reload(outcome: ReloadOutcome) -> None:
         if outcome.status == "loaded":
@@ -201,7 +202,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     @app.get("/info")
     def info() -> dict[str, Any]:
         """The served version's manifest summary, reload state and nightly job status."""
-        return _info(manager)
+        return _info(manager, settings)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
@@ -237,9 +238,22 @@ def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
     return np.asarray(rows, dtype=np.float32)
 
 
-def _state(manager: IndexManager) -> dict[str, Any]:
+def _nightly(settings: Settings) -> dict[str, Any] | None:
+    status = nightly.read_status(settings.index_root)
+    if status is None:
+        return None
+    age = nightly.staleness_seconds(status, time.time())
+    return {**status, "staleness_s": age,
+            "stale": age is None or age > settings.stale_after_s}
+
+
+def _state(manager: IndexManager, settings: Settings) -> dict[str, Any]:
     s = manager.searcher
     state: dict[str, Any] = {}
+    job = _nightly(settings)
+    if job is not None:
+        state["nightly_staleness_seconds"] = job["staleness_s"]
+        state["nightly_consecutive_failures"] = job["consecutive_failures"]
     if s is not None:
         state.update(version=s.version, n=s.n, created_at=s.manifest.created_at.timestamp())
     if manager.last_failure is not None:
@@ -247,7 +261,7 @@ def _state(manager: IndexManager) -> dict[str, Any]:
     return state
 
 
-def _info(manager: IndexManager) -> dict[str, Any]:
+def _info(manager: IndexManager, settings: Settings) -> dict[str, Any]:
     s = manager.searcher
     out: dict[str, Any] = {"index_version": s.version if s else None, "ready": s is not None}
     if s is not None:
@@ -260,6 +274,7 @@ def _info(manager: IndexManager) -> dict[str, Any]:
             loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.loaded_at)),
             quality=m.quality,
         )
+    out["nightly"] = _nightly(settings)
     f = manager.last_failure
     out["last_reload_failure"] = (
         None if f is None else {"version": f.version, "error": f.error,

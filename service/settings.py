@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -28,3 +28,12 @@ class Settings(BaseSettings):
     mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes")
+    stale_after_s: float = Field(
+        36 * 3600.0, gt=0, description="the nightly build is stale after this long without success"
+    )
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_unset(cls, value: object) -> object:
+        # AQE_ADMIN_TOKEN="" must not switch admin routes on with an empty bearer token.
+        return None if isinstance(value, str) and not value.strip() else value

@@ -173,3 +173,29 @@ def test_alive_but_not_ready_until_a_version_appears(tmp_path, small_gallery):
             time.sleep(0.05)
         assert c.get("/readyz").status_code == 200
         assert c.post("/search", json={"embedding": np.ones(32).tolist()}).status_code == 200
+
+
+def test_empty_admin_token_keeps_admin_routes_off(built_root, monkeypatch):
+    monkeypatch.setenv("AQE_ADMIN_TOKEN", "  ")
+    monkeypatch.setenv("AQE_INDEX_ROOT", str(built_root))
+    settings = Settings()  # type: ignore[call-arg]
+    assert settings.admin_token is None
+    with TestClient(create_app(settings)) as c:
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer "}).status_code == 404
+
+
+def test_nightly_status_shows_in_info_and_metrics(tmp_path, small_gallery):
+    from index_builder.cli import main
+
+    _, paths = small_gallery
+    root = tmp_path / "root"
+    assert main(["nightly", "--gallery", str(paths["gallery"]), "--root", str(root),
+                 "--no-progress"]) == 0
+    with TestClient(create_app(Settings(index_root=root, reload_interval_s=0,
+                                        stale_after_s=3600))) as c:
+        info = c.get("/info").json()
+        assert info["nightly"]["last_success"]["version"] == info["index_version"]
+        assert info["nightly"]["stale"] is False and info["nightly"]["staleness_s"] < 600
+        text = c.get("/metrics").text
+        assert "aqe_nightly_staleness_seconds" in text
+        assert "aqe_nightly_consecutive_failures 0.0" in text

@@ -1,0 +1,205 @@
+"""The scheduled rebuild: one locked build run that records how it went.
+
+``index-builder nightly`` takes the same inputs as ``build``. It holds an exclusive, non-blocking
+``flock`` on :func:`artifact.lock_path` for the whole run (a second run started meanwhile exits
+with :data:`EXIT_LOCKED` and touches nothing), builds and publishes a version (publishing is
+atomic and prunes old versions), and writes a status record atomically at
+:func:`artifact.status_path`. A failed run publishes nothing, so the previous version stays
+current; the record says why and counts consecutive failures. The search service reads the
+record with :func:`read_status` and :func:`staleness_seconds`.
+
+Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds the lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from index_builder import artifact
+from index_builder.build import BuildConfig, build
+from index_builder.inputs import InputError
+from index_builder.knn import KnnConfigError
+
+logger = logging.getLogger(__name__)
+
+STATUS_FORMAT_VERSION = 1
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
+
+
+class LockedError(RuntimeError):
+    """Another run holds the build lock of this index root."""
+
+
+class Terminated(SystemExit):
+    """The job was stopped by SIGTERM (docker stop, a scheduler's deadline); exit status 143."""
+
+    def __str__(self) -> str:
+        return "stopped by SIGTERM"
+
+
+class Success(BaseModel):
+    time: datetime
+    version: str
+
+
+class Failure(BaseModel):
+    time: datetime
+    error: str
+
+
+class NightlyStatus(BaseModel):
+    """The record at ``artifact.status_path(root)``; a run in progress has started > finished."""
+
+    format_version: int = STATUS_FORMAT_VERSION
+    host: str
+    pid: int
+    last_run_started: datetime
+    last_run_finished: datetime | None = None
+    last_run_ok: bool | None = None
+    duration_s: float | None = None
+    last_success: Success | None = None
+    last_failure: Failure | None = None
+    consecutive_failures: int = 0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@contextmanager
+def exclusive_lock(root: Path) -> Iterator[None]:
+    """Hold the build lock of ``root`` (non-blocking); raises :class:`LockedError` if taken."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = artifact.lock_path(root)
+    # O_CREAT without O_TRUNC: a refused run must not alter the holder's lock file.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise LockedError(f"{root}: another build holds {path.name} ({holder})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{_utcnow():%Y-%m-%dT%H:%M:%SZ}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays so that it is never raced
+
+
+def run_nightly(config: BuildConfig, *, build_fn: Callable[[BuildConfig], Any] = build,
+                clock: Callable[[], datetime] = _utcnow) -> tuple[int, NightlyStatus | None]:
+    """One locked build run that records its outcome; returns (exit code, status written).
+
+    ``build_fn`` and ``clock`` are seams for tests. A refused run returns ``(EXIT_LOCKED, None)``.
+    """
+    try:
+        with exclusive_lock(config.root):
+            return _locked_run(config, build_fn, clock)
+    except LockedError as exc:
+        logger.error("%s; not starting", exc)
+        return EXIT_LOCKED, None
+
+
+def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
+                clock: Callable[[], datetime]) -> tuple[int, NightlyStatus]:
+    root = config.root
+    previous = _load(root)
+    status = NightlyStatus(host=socket.gethostname(), pid=os.getpid(), last_run_started=clock())
+    if previous is not None:  # carry the history over
+        status = previous.model_copy(update=status.model_dump(
+            include={"format_version", "host", "pid", "last_run_started"}))
+    _write(root, status)  # visible as "running": started after the last finish
+    logger.info("nightly build of %s into %s started", config.gallery, root)
+    t0 = time.perf_counter()
+    try:
+        manifest = build_fn(config)
+    except BaseException as exc:
+        code = EXIT_BAD_INPUT if isinstance(exc, (InputError, KnnConfigError, ValueError)) else (
+            EXIT_FAILED)
+        status.last_failure = Failure(time=clock(), error=f"{type(exc).__name__}: {exc}")
+        status.consecutive_failures += 1
+        _finish(root, status, ok=False, started=t0, clock=clock)
+        current = artifact.current_version(root)
+        logger.error("nightly build failed (%d in a row; %s): %s", status.consecutive_failures,
+                     f"{current} stays current" if current else "nothing published yet", exc)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: recorded, then let them end the process
+        return code, status
+    status.last_success = Success(time=clock(), version=manifest.version)
+    status.consecutive_failures = 0
+    _finish(root, status, ok=True, started=t0, clock=clock)
+    logger.info("nightly build published %s in %.1fs", manifest.version, status.duration_s)
+    return EXIT_OK, status
+
+
+def _finish(root: Path, status: NightlyStatus, *, ok: bool, started: float,
+            clock: Callable[[], datetime]) -> None:
+    status.last_run_finished = clock()
+    status.last_run_ok = ok
+    status.duration_s = round(time.perf_counter() - started, 3)
+    _write(root, status)
+
+
+def _write(root: Path, status: NightlyStatus) -> None:
+    path = artifact.status_path(root)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        f.write(status.model_dump_json(indent=2).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load(root: Path) -> NightlyStatus | None:
+    try:
+        return NightlyStatus.model_validate_json(artifact.status_path(root).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError) as exc:
+        logger.warning("%s: unreadable nightly status, ignored (%s)",
+                       artifact.status_path(root), exc)
+        return None
+
+
+def read_status(root: Path) -> dict[str, Any] | None:
+    """The last nightly status record under ``root`` as JSON-ready data; None if none is valid."""
+    status = _load(Path(root))
+    return None if status is None else status.model_dump(mode="json")
+
+
+def staleness_seconds(status: dict[str, Any] | None, now: datetime | float) -> float | None:
+    """Seconds from the last successful run to ``now`` (datetime or epoch seconds); None if none."""
+    if not status or not status.get("last_success"):
+        return None
+    if not isinstance(now, datetime):
+        now = datetime.fromtimestamp(now, UTC)
+    last = datetime.fromisoformat(str(status["last_success"]["time"]).replace("Z", "+00:00"))
+    return max(0.0, (now - last).total_seconds())
+
+
+def run_until_sigterm(config: BuildConfig) -> tuple[int, NightlyStatus | None]:
+    """:func:`run_nightly` with SIGTERM turned into a recorded failure (exit status 143)."""
+    previous = signal.getsignal(signal.SIGTERM)
+    # A scheduler stops a job with SIGTERM: make it an exception so the failure is recorded.
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        return run_nightly(config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
