@@ -61,7 +61,7 @@ def expand_rows(neighbour_feats: np.ndarray, sims: np.ndarray, alpha: float) -> 
     ``sims`` (b, k) their cosines to the row. Returns (b, d) float32
     ``sum_j w_j * X_j / k``.
     """
-    b, k, _ = neighbour_feats.shape
+    k = neighbour_feats.shape[1]
     w = aqe_weights(sims, alpha)
     out = np.matmul(w[:, None, :], neighbour_feats)[:, 0, :]
     out /= np.float32(k)

@@ -132,7 +132,7 @@ def test_unparsable_manifest_and_truncated_array(tmp_path, small_gallery):
     m = build_into(tmp_path, paths)
     base = tmp_path / "versions" / m.version
     np.save(base / "level_0_norms.npy", np.zeros(3, np.float32))
-    with pytest.raises(artifact.ArtifactError, match="level_0_norms.npy"):
+    with pytest.raises(artifact.ArtifactError, match=r"level_0_norms\.npy"):
         artifact.load(tmp_path, check=False)
     (base / "manifest.json").write_text("{not json")
     with pytest.raises(artifact.ArtifactError, match="does not parse"):

@@ -90,7 +90,7 @@ def test_qe_k_is_clamped_to_n_and_reported():
 
 def test_non_integer_alpha_gives_negative_cosines_weight_zero():
     x = np.array([[1.0, 0.0], [0.9, 0.1], [-1.0, 0.05]], dtype=np.float32)
-    out, sets, _ = ours_with_sets(x, 3, 0.5, 1)
+    out, _, _ = ours_with_sets(x, 3, 0.5, 1)
     assert np.isfinite(out).all()
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     s = u @ u.T
