@@ -176,6 +176,43 @@ def expand_block(
     return aqe.expand_rows(nb_raw, sims, alpha)
 
 
+NeighbourSearch = Callable[[np.ndarray, int], np.ndarray]
+"""``(u (q, d) normalised queries, k) -> ids (q, k)``: a level's top-k gallery rows."""
+
+
+@dataclass(frozen=True)
+class GalleryLevel:
+    """One level of the gallery as online expansion needs it: rows, norms, a neighbour search."""
+
+    rows: np.ndarray
+    norms: np.ndarray
+    search: NeighbourSearch
+
+
+def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int,
+                  alpha: float) -> np.ndarray:
+    """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (AQE.md).
+
+    Round t expands against level t - 1: the query itself (weight 1) plus its top ``qe_k - 1``
+    rows of that level, ``q <- (q + sum_j s_j ** alpha * G_j) / qe_k`` with ``G_j`` raw rows
+    (``norm_j * row_j``) and ``s_j`` exact cosines.
+    """
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    k = qe_k - 1
+    for level in levels:
+        u, _ = aqe.normalize_rows(q)
+        if k == 0:
+            q = aqe.expand_queries(q, np.empty((len(q), 0, q.shape[1]), np.float32),
+                                   np.empty((len(q), 0), np.float32), alpha, qe_k)
+            continue
+        ids = level.search(u, k).ravel()
+        nb_u = np.asarray(level.rows[ids], dtype=np.float32).reshape(len(q), k, q.shape[1])
+        sims = np.einsum("qkd,qd->qk", nb_u, u)
+        raw = nb_u * np.asarray(level.norms[ids]).reshape(len(q), k, 1)
+        q = aqe.expand_queries(q, raw, sims, alpha, qe_k)
+    return q
+
+
 def aqe_expand(
     query_feat: np.ndarray | None,
     gallery_feat: np.ndarray | str,

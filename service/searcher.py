@@ -22,6 +22,7 @@ import numpy as np
 
 from index_builder import aqe
 from index_builder.artifact import Artifact, Level
+from index_builder.expansion import GalleryLevel, expand_online
 from index_builder.knn import exact_knn, search_parameters
 from service.filters import filter_mask
 
@@ -52,31 +53,25 @@ class Searcher:
         s = art.manifest.serving_index
         self._serving_params = (s.nprobe, s.ef_search)
         self._ivf = faiss.try_extract_index_ivf(art.serving_index)
+        self._levels = [GalleryLevel(lv.rows, lv.norms, self._level_search(lv))
+                        for lv in art.levels]
 
     def expand(self, queries: np.ndarray) -> np.ndarray:
         """Online AQE of raw queries (q, d) float32 -> expanded (q, d) float32, un-normalised."""
-        q = np.ascontiguousarray(queries, dtype=np.float32)
-        for level in self.artifact.levels:
-            u, _ = aqe.normalize_rows(q)
-            rows, sims = self._level_neighbours(level, u, self.qe_k - 1)
-            q = aqe.expand_queries(q, rows, sims, self.alpha, self.qe_k)
-        return q
+        return expand_online(queries, self._levels, self.qe_k, self.alpha)
 
-    def _level_neighbours(self, level: Level, u: np.ndarray, k: int):
-        if k == 0:
-            return np.empty((len(u), 0, self.d), np.float32), np.empty((len(u), 0), np.float32)
+    def _level_search(self, level: Level):
         if level.index is None:
-            _, ids = exact_knn(u, level.rows, k)
-        else:
-            e = level.entry
-            params = search_parameters(level.index, e.nprobe, e.ef_search)
-            _, ids = level.index.search(u, k, params=params)
+            return lambda u, k: exact_knn(u, level.rows, k)[1]
+        params = search_parameters(level.index, level.entry.nprobe, level.entry.ef_search)
+
+        def search(u: np.ndarray, k: int) -> np.ndarray:
+            ids = level.index.search(u, k, params=params)[1]
             if (ids < 0).any():  # an approximate index came back short: answer exactly
-                _, ids = exact_knn(u, level.rows, k)
-        nb_u = np.asarray(level.rows[ids.ravel()]).reshape(len(u), k, self.d)
-        sims = np.einsum("qkd,qd->qk", nb_u, u)
-        raw = nb_u * np.asarray(level.norms[ids.ravel()]).reshape(len(u), k, 1)
-        return raw, sims
+                ids = exact_knn(u, level.rows, k)[1]
+            return ids
+
+        return search
 
     def search(self, queries: np.ndarray, k: int, expand: bool = True,
                filters: dict[str, Any] | None = None) -> list[list[Hit]]:
