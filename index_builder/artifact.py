@@ -185,6 +185,15 @@ class Staging:
             np.save(self.path / col.file, values)
             self.metadata.append(col)
 
+    def load_levels(self, n: int, d: int) -> list[Level]:
+        """The levels saved so far, memory-mapped back (for checks before publishing)."""
+        return [
+            Level(_load_npy(self.path / e.rows, "r", (n, d), np.float32),
+                  _load_npy(self.path / e.norms, "r", (n,), np.float32),
+                  _read_index(self.path / e.index, n, d, True) if e.index else None, e)
+            for e in self.levels
+        ]
+
     def publish(self, keep: int = 3, **fields: Any) -> Manifest:
         """Checksum, write the manifest, fsync, rename into place, switch ``current``, prune."""
         files = {}

@@ -16,8 +16,14 @@ import faiss
 import numpy as np
 
 from index_builder import aqe, artifact
-from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
-from index_builder.inputs import fingerprint, open_embeddings, read_ids, read_metadata
+from index_builder.expansion import (
+    DEFAULT_BLOCK_SIZE,
+    AqeParams,
+    expand_online,
+    expand_source,
+    gallery_level,
+)
+from index_builder.inputs import InputError, fingerprint, open_embeddings, read_ids, read_metadata
 from index_builder.knn import (
     KnnResult,
     KnnSpec,
@@ -28,6 +34,14 @@ from index_builder.knn import (
     set_recall,
 )
 from index_builder.progress import progress
+from index_builder.quality import (
+    GateSpec,
+    Labels,
+    QualityGateError,
+    cosine_metrics,
+    gate_check,
+    labels_from_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +55,25 @@ class ServingSpec:
     ef_search: int | None = None
     recall_k: int = 10
     recall_sample: int = 1000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class QualitySpec:
+    """The build's quality check: labelled queries, and the thresholds of the gate.
+
+    Queries come from ``queries`` (a .npy) with ``query_labels`` (a CSV with the pid and camid
+    columns), or, without them, ``sample`` gallery rows used as queries (the Market-1501 rule
+    then ignores the query's own row: same pid, same camid). Gallery labels come from the build's
+    metadata columns ``pid_column`` and ``camid_column``.
+    """
+
+    gate: GateSpec = field(default_factory=GateSpec)
+    queries: Path | None = None
+    query_labels: Path | None = None
+    sample: int = 500
+    pid_column: str = "pid"
+    camid_column: str = "camid"
     seed: int = 0
 
 
@@ -59,6 +92,7 @@ class BuildConfig:
     keep: int = 3
     threads: int | None = None
     show_progress: bool | None = None
+    quality: QualitySpec | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -67,6 +101,8 @@ class BuildConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.quality is not None and self.metadata is None:
+            raise ValueError("the quality check needs --metadata with the pid and camid columns")
 
 
 def build(config: BuildConfig) -> artifact.Manifest:
@@ -78,6 +114,8 @@ def build(config: BuildConfig) -> artifact.Manifest:
     source = open_embeddings(config.gallery)
     ids = read_ids(config.ids, source.n) if config.ids else None
     metadata = read_metadata(config.metadata, source.n) if config.metadata else {}
+    quality_inputs = (_quality_inputs(config.quality, source, metadata)
+                      if config.quality else None)
     input_files = [*source.paths, *(p for p in (config.ids, config.metadata) if p)]
     input_info = {
         "gallery": str(config.gallery),
@@ -113,8 +151,14 @@ def build(config: BuildConfig) -> artifact.Manifest:
         index, serving_entry = build_serving_index(u, config.serving, config.block_size,
                                                    config.show_progress)
         stage.save_serving_index(index, serving_entry)
-        del index, u
+        del index
         timings["serving_index"] = time.perf_counter() - t2
+        quality = None
+        if quality_inputs is not None:
+            t4 = time.perf_counter()
+            quality = _quality_gate(stage, u, report, config, *quality_inputs)
+            timings["quality"] = time.perf_counter() - t4
+        del u
 
         if ids is not None:
             stage.save_ids(ids)
@@ -129,9 +173,48 @@ def build(config: BuildConfig) -> artifact.Manifest:
             knn=_knn_record(config.knn), graph_recall=report.graph_recall,
             graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
             input=input_info, timings_s={k: round(v, 3) for k, v in timings.items()},
+            quality=quality,
         )
     logger.info("publish took %.1fs", time.perf_counter() - t3)
     return manifest
+
+
+def _quality_inputs(spec: QualitySpec, source, metadata: dict[str, np.ndarray]):
+    """Raw queries, their labels and the gallery labels, checked before any heavy work."""
+    g_labels = labels_from_columns(metadata, spec.pid_column, spec.camid_column)
+    if spec.queries is not None:
+        if spec.query_labels is None:
+            raise InputError("--quality-queries needs --quality-labels (pid, camid per query)")
+        qsrc = open_embeddings(spec.queries)
+        if qsrc.d != source.d:
+            raise InputError(f"{spec.queries}: dimension {qsrc.d}, the gallery's is {source.d}")
+        xq = np.concatenate([b for _, b in qsrc.blocks(65536)])
+        q_labels = labels_from_columns(read_metadata(spec.query_labels, qsrc.n),
+                                       spec.pid_column, spec.camid_column)
+    else:
+        rows = sample_rows(source.n, spec.sample, spec.seed)
+        xq = source.take(rows)
+        q_labels = g_labels[rows]
+    return xq, q_labels, g_labels
+
+
+def _quality_gate(stage, u: np.ndarray, report, config: BuildConfig, xq: np.ndarray,
+                  q_labels: Labels, g_labels: Labels) -> dict[str, Any]:
+    """mAP with and without expansion on the staged version; raises if the gate refuses it."""
+    spec = config.quality
+    assert spec is not None
+    levels = [gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe, lv.entry.ef_search)
+              for lv in stage.load_levels(u.shape[0], u.shape[1])]
+    raw = cosine_metrics(xq, levels[0].rows, q_labels, g_labels)
+    eq = expand_online(xq, levels, report.effective_qe_k, config.params.alpha)
+    expanded = cosine_metrics(eq, u, q_labels, g_labels)
+    record = gate_check(raw, expanded, report.graph_recall, spec.gate)
+    record["queries"] = len(xq)
+    logger.info("quality: mAP raw %.4f, AQE %.4f (%+.4f) on %d queries; graph recall %s",
+                raw.mean_ap, expanded.mean_ap, record["map_gain"], len(xq), report.graph_recall)
+    if not record["passed"]:
+        raise QualityGateError("quality gate refused the build: " + "; ".join(record["reasons"]))
+    return record
 
 
 def build_serving_index(

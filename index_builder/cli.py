@@ -1,7 +1,8 @@
 """``index-builder``: expand features, build and publish indexes, manage versions.
 
 Exit status: 0 success, 2 bad input or arguments (nothing written or published), 1 any other
-failure (nothing published), 3 (nightly) another run holds the root's lock.
+failure (nothing published), 3 (nightly) another run holds the root's lock, 4 the quality gate
+refused the build (nothing published).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import faiss
 import numpy as np
 
 from index_builder import artifact, nightly
-from index_builder.build import BuildConfig, ServingSpec, build
+from index_builder.build import BuildConfig, QualitySpec, ServingSpec, build
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
-from index_builder.inputs import InputError, open_embeddings
+from index_builder.inputs import InputError, open_embeddings, read_metadata
 from index_builder.knn import KnnConfigError, KnnSpec
+from index_builder.quality import GateSpec, QualityGateError
 
 logger = logging.getLogger("index_builder")
 
@@ -69,6 +71,34 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
+    _add_quality_options(p)
+
+
+def _add_quality_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "quality gate", "measure mAP with and without expansion before publishing; refuse to "
+        "publish (exit 4) below a threshold. Needs --metadata with pid and camid columns.")
+    g.add_argument("--quality-sample", type=_positive_int,
+                   help="use this many gallery rows as labelled queries")
+    g.add_argument("--quality-queries", type=Path, help="labelled validation queries (.npy)")
+    g.add_argument("--quality-labels", type=Path, help="CSV with pid,camid per validation query")
+    g.add_argument("--pid-column", default="pid", help="metadata column of the identity")
+    g.add_argument("--camid-column", default="camid", help="metadata column of the camera")
+    g.add_argument("--min-map-gain", type=float,
+                   help="refuse unless AQE mAP - raw mAP >= this (0: AQE must not lower mAP)")
+    g.add_argument("--min-graph-recall", type=float,
+                   help="refuse unless the kNN graph recall is at least this")
+
+
+def _quality_spec(args: argparse.Namespace) -> QualitySpec | None:
+    gate = GateSpec(min_map_gain=args.min_map_gain, min_graph_recall=args.min_graph_recall)
+    wanted = (args.quality_sample or args.quality_queries or gate.min_map_gain is not None
+              or gate.min_graph_recall is not None)
+    if not wanted:
+        return None
+    return QualitySpec(gate=gate, queries=args.quality_queries, query_labels=args.quality_labels,
+                       sample=args.quality_sample or 500, pid_column=args.pid_column,
+                       camid_column=args.camid_column, seed=args.seed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +119,26 @@ def _parser() -> argparse.ArgumentParser:
                        description="A build that holds the root's lock (a concurrent run exits 3 "
                        "and changes nothing) and records its outcome in the nightly status file.")
     _add_build_options(p)
+
+    p = sub.add_parser("evaluate", help="re-ID quality (mAP, CMC, mINP): raw vs AQE, both modes, "
+                       "exact vs approximate, the served path; a qe_k x alpha sweep")
+    p.add_argument("--features", type=Path, required=True, help="labelled features (.npy)")
+    p.add_argument("--metadata", type=Path, required=True, help="CSV with pid and camid columns")
+    p.add_argument("--pid-column", default="pid")
+    p.add_argument("--camid-column", default="camid")
+    p.add_argument("--query-where", help="COLUMN=VALUE selecting query rows (default camid=0)")
+    p.add_argument("--query-rows", type=Path, help="file of query row numbers instead")
+    p.add_argument("--max-queries", type=_positive_int, default=1000,
+                   help="seeded sample of the selected rows (default 1000)")
+    p.add_argument("--served-k", type=_positive_int, default=100, help="K of the served mAP@K")
+    p.add_argument("--serving-index", default="exact")
+    p.add_argument("--serving-nprobe", type=_positive_int)
+    p.add_argument("--sweep-qe-k", default="1,2,3,5,10,20",
+                   help="qe_k values of the sweep ('' to skip)")
+    p.add_argument("--sweep-alpha", default="1,3,5", help="alpha values of the sweep")
+    p.add_argument("--json", type=Path, help="write the report here")
+    p.add_argument("--plots", type=Path, help="write cmc.png and map_vs_qe_k.png here")
+    _add_aqe_options(p)
 
     p = sub.add_parser("list", help="list published versions")
     p.add_argument("root", type=Path)
@@ -165,6 +215,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
                             ef_search=args.serving_ef_search, seed=args.seed),
         block_size=args.block_size, keep=args.keep, threads=args.threads,
         show_progress=False if args.no_progress else None,
+        quality=_quality_spec(args),
     )
 
 
@@ -186,6 +237,27 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     if status is not None:
         print(json.dumps(status.model_dump(mode="json"), indent=2))
     return code
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from index_builder import report
+    from index_builder.quality import labels_from_columns
+
+    n = open_embeddings(args.features).n
+    columns = read_metadata(args.metadata, n)
+    labels = labels_from_columns(columns, args.pid_column, args.camid_column)
+    split = report.split_rows(columns, n, args.query_where, args.query_rows, args.max_queries,
+                              args.seed)
+    result = report.evaluate(
+        args.features, columns, labels, split, _params(args), _knn_spec(args),
+        ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe, seed=args.seed),
+        args.served_k, [int(v) for v in args.sweep_qe_k.split(",") if v],
+        [float(v) for v in args.sweep_alpha.split(",") if v],
+    )
+    print(report.format_table(result))
+    for path in report.save(result, args.json, args.plots):
+        logger.info("wrote %s", path)
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -223,8 +295,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"expand": cmd_expand, "build": cmd_build, "nightly": cmd_nightly, "list": cmd_list,
-            "verify": cmd_verify, "rollback": cmd_rollback}
+COMMANDS = {"expand": cmd_expand, "build": cmd_build, "nightly": cmd_nightly,
+            "evaluate": cmd_evaluate, "list": cmd_list, "verify": cmd_verify,
+            "rollback": cmd_rollback}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -236,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         faiss.omp_set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
+    except QualityGateError as exc:
+        logger.error("%s; nothing published", exc)
+        return 4
     except (InputError, KnnConfigError, ValueError) as exc:
         logger.error("%s", exc)
         return 2

@@ -23,7 +23,7 @@ import numpy as np
 
 from index_builder import aqe
 from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
-from index_builder.knn import KnnResult, KnnSpec, self_knn
+from index_builder.knn import KnnResult, KnnSpec, exact_knn, search_parameters, self_knn
 from index_builder.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -187,6 +187,22 @@ class GalleryLevel:
     rows: np.ndarray
     norms: np.ndarray
     search: NeighbourSearch
+
+
+def gallery_level(rows: np.ndarray, norms: np.ndarray, index=None, nprobe: int | None = None,
+                  ef_search: int | None = None) -> GalleryLevel:
+    """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters."""
+    if index is None:
+        return GalleryLevel(rows, norms, lambda u, k: exact_knn(u, rows, k)[1])
+    params = search_parameters(index, nprobe, ef_search)
+
+    def search(u: np.ndarray, k: int) -> np.ndarray:
+        ids = index.search(u, k, params=params)[1]
+        if (ids < 0).any():  # an approximate index came back short: answer exactly
+            ids = exact_knn(u, rows, k)[1]
+        return ids
+
+    return GalleryLevel(rows, norms, search)
 
 
 def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int,

@@ -54,6 +54,16 @@ class EmbeddingSource:
                 yield start + lo, block
             start += shard.shape[0]
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """The given rows (sorted row numbers) as a (len(rows), d) float32 array."""
+        out = np.empty((len(rows), self.d), dtype=np.float32)
+        start = 0
+        for shard in self.shards:
+            mine = (rows >= start) & (rows < start + shard.shape[0])
+            out[mine] = shard[rows[mine] - start]
+            start += shard.shape[0]
+        return out
+
     def concat(self, other: EmbeddingSource) -> EmbeddingSource:
         """This source's rows followed by ``other``'s (same d; dtypes may differ)."""
         if other.d != self.d:

@@ -8,7 +8,8 @@ atomic and prunes old versions), and writes a status record atomically at
 current; the record says why and counts consecutive failures. The search service reads the
 record with :func:`read_status` and :func:`staleness_seconds`.
 
-Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds the lock.
+Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds the lock,
+4 the quality gate refused the build.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from index_builder import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.inputs import InputError
 from index_builder.knn import KnnConfigError
+from index_builder.quality import QualityGateError
 
 logger = logging.getLogger(__name__)
 
 STATUS_FORMAT_VERSION = 1
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
 
 
 class LockedError(RuntimeError):
@@ -127,8 +129,12 @@ def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
     try:
         manifest = build_fn(config)
     except BaseException as exc:
-        code = EXIT_BAD_INPUT if isinstance(exc, (InputError, KnnConfigError, ValueError)) else (
-            EXIT_FAILED)
+        if isinstance(exc, QualityGateError):
+            code = EXIT_REFUSED
+        elif isinstance(exc, (InputError, KnnConfigError, ValueError)):
+            code = EXIT_BAD_INPUT
+        else:
+            code = EXIT_FAILED
         status.last_failure = Failure(time=clock(), error=f"{type(exc).__name__}: {exc}")
         status.consecutive_failures += 1
         _finish(root, status, ok=False, started=t0, clock=clock)

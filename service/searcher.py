@@ -21,8 +21,8 @@ import faiss
 import numpy as np
 
 from index_builder import aqe
-from index_builder.artifact import Artifact, Level
-from index_builder.expansion import GalleryLevel, expand_online
+from index_builder.artifact import Artifact
+from index_builder.expansion import expand_online, gallery_level
 from index_builder.knn import exact_knn, search_parameters
 from service.filters import filter_mask
 
@@ -53,25 +53,12 @@ class Searcher:
         s = art.manifest.serving_index
         self._serving_params = (s.nprobe, s.ef_search)
         self._ivf = faiss.try_extract_index_ivf(art.serving_index)
-        self._levels = [GalleryLevel(lv.rows, lv.norms, self._level_search(lv))
-                        for lv in art.levels]
+        self._levels = [gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe,
+                                      lv.entry.ef_search) for lv in art.levels]
 
     def expand(self, queries: np.ndarray) -> np.ndarray:
         """Online AQE of raw queries (q, d) float32 -> expanded (q, d) float32, un-normalised."""
         return expand_online(queries, self._levels, self.qe_k, self.alpha)
-
-    def _level_search(self, level: Level):
-        if level.index is None:
-            return lambda u, k: exact_knn(u, level.rows, k)[1]
-        params = search_parameters(level.index, level.entry.nprobe, level.entry.ef_search)
-
-        def search(u: np.ndarray, k: int) -> np.ndarray:
-            ids = level.index.search(u, k, params=params)[1]
-            if (ids < 0).any():  # an approximate index came back short: answer exactly
-                ids = exact_knn(u, level.rows, k)[1]
-            return ids
-
-        return search
 
     def search(self, queries: np.ndarray, k: int, expand: bool = True,
                filters: dict[str, Any] | None = None) -> list[list[Hit]]:
