@@ -33,7 +33,8 @@ import numpy.typing as npt
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 256
+# Elements of one (block, G) working set; ~80 bytes each, so about 320 MiB at peak.
+BLOCK_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _labels(name: str, values: npt.ArrayLike, n: int) -> npt.NDArray[Any]:
 def _score_rows(
     pos: npt.NDArray[np.bool_], keep: npt.NDArray[np.bool_], num_pos: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.float64]]:
-    """Per-row AP numerator, first-positive rank and INP from ranked masks.
+    """Per-row AP (divided by ``num_pos``), first-positive rank and INP from ranked masks.
 
     ``pos``/``keep``: (B, L) bool in ranked order, ``pos`` implies ``keep``.
     ``num_pos``: (B,) int64, the AP/INP denominators (> 0).
@@ -128,15 +129,15 @@ def rank_metrics(
     q_camids: npt.ArrayLike,
     g_camids: npt.ArrayLike,
     max_rank: int = 50,
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> ReidMetrics:
     """Compute mAP, CMC and mINP over full gallery rankings from a similarity matrix.
 
     ``sim``: (Q, G) float similarity, higher is better, finite values only.
     ``q_pids``/``q_camids``: (Q,) int; ``g_pids``/``g_camids``: (G,) int.
     The CMC curve has ``min(max_rank, G)`` entries. Queries are processed
-    ``block_size`` at a time: peak extra memory is about ``40 * block_size * G``
-    bytes.
+    ``block_size`` at a time (default ``max(1, 2**22 // G)``): peak extra memory
+    is about ``80 * block_size * G`` bytes, ~320 MiB with the default.
     """
     sim_arr = np.asarray(sim)
     if sim_arr.ndim != 2:
@@ -144,6 +145,8 @@ def rank_metrics(
     nq, ng = sim_arr.shape
     if max_rank < 1:
         raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    if block_size is None:
+        block_size = max(1, BLOCK_ELEMENTS // max(ng, 1))
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     qp, qc = _labels("q_pids", q_pids, nq), _labels("q_camids", q_camids, nq)
@@ -213,11 +216,10 @@ def topk_metrics(
     ng = gp.shape[0]
     if ((ids < -1) | (ids >= ng)).any():
         raise ValueError(f"ranked_ids must lie in [-1, {ng}), got range [{ids.min()}, {ids.max()}]")
-    listed = np.unique(np.stack([np.arange(nq).repeat(k), ids.ravel()]), axis=1)
-    if (listed[1] >= 0).sum() != (ids >= 0).sum():
+    sorted_ids = np.sort(ids, axis=1)
+    if ((sorted_ids[:, 1:] == sorted_ids[:, :-1]) & (sorted_ids[:, 1:] >= 0)).any():
         raise ValueError("ranked_ids repeats a gallery index within a query's list")
 
-    # Positives in the whole gallery: count per (pid, camid) once, then per query.
     num_pos = _count_positives(qp, qc, gp, gc)
     present = ids >= 0
     safe = np.where(present, ids, 0)
@@ -229,6 +231,7 @@ def topk_metrics(
     ap, first, inp = [], [], []
     if valid.any():
         a, f, i = _score_rows(pos[valid], keep[valid], num_pos[valid])
+        # _score_rows divides by n; AP@K divides by min(n, K) instead.
         ap.append(a * num_pos[valid] / np.minimum(num_pos[valid], k))
         first.append(f)
         inp.append(i)

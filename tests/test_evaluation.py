@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,11 +38,7 @@ def _brute(order_rows, q_pids, g_pids, q_cams, g_cams, curve_len, k_norm):
     """Average brute-force scores: (mAP, mINP, cmc list, valid, skipped), None if all skipped."""
     aps, inps, firsts, skipped = [], [], [], 0
     for qi, ranked in enumerate(order_rows):
-        num_pos = sum(
-            1
-            for j in range(len(g_pids))
-            if g_pids[j] == q_pids[qi] and g_cams[j] != q_cams[qi]
-        )
+        num_pos = sum(1 for j in range(len(g_pids)) if g_pids[j] == q_pids[qi] and g_cams[j] != q_cams[qi])
         if num_pos == 0:
             skipped += 1
             continue
@@ -51,17 +48,19 @@ def _brute(order_rows, q_pids, g_pids, q_cams, g_cams, curve_len, k_norm):
         firsts.append(first)
     if not aps:
         return None
-    cmc = [
-        sum(1 for f in firsts if f is not None and f <= k) / len(firsts)
-        for k in range(1, curve_len + 1)
-    ]
+    cmc = [sum(1 for f in firsts if f is not None and f <= k) / len(firsts) for k in range(1, curve_len + 1)]
     return sum(aps) / len(aps), sum(inps) / len(inps), cmc, len(aps), skipped
+
+
+def _python_order(row: list[float]) -> list[int]:
+    """Indices by similarity descending, ties by index ascending."""
+    return sorted(range(len(row)), key=lambda j: (-row[j], j))
 
 
 def _brute_full(sim, q_pids, g_pids, q_cams, g_cams, max_rank=50):
     """Oracle for rank_metrics: sort each row by (-similarity, index) in Python."""
     g = len(g_pids)
-    rows = [sorted(range(g), key=lambda j, r=row: (-r[j], j)) for row in sim.tolist()]
+    rows = [_python_order(row) for row in sim.tolist()]
     return _brute(rows, q_pids, g_pids, q_cams, g_cams, min(max_rank, g), k_norm=g)
 
 
@@ -164,7 +163,7 @@ def test_as_dict_is_json_ready() -> None:
     ],
 )
 def test_rank_metrics_rejects_bad_input(kwargs, match) -> None:
-    args = {
+    args: dict[str, Any] = {
         "sim": np.ones((1, 2)),
         "q_pids": [1],
         "g_pids": [1, 2],
