@@ -40,7 +40,7 @@ from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ STAGING_PREFIX = ".staging-"
 STATUS = "nightly_status.json"
 LOCK = ".build.lock"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class ArtifactError(Exception):
@@ -116,6 +117,20 @@ class Manifest(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
     software: dict[str, str] = Field(default_factory=dict)
     quality: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _names_stay_inside(self) -> Manifest:
+        """Every file the manifest names is a plain name listed (and checksummed) in ``files``."""
+        named = [self.serving_index.file, *(c.file for c in self.metadata)]
+        named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index) if n]
+        named += [self.ids_file] if self.ids_file else []
+        for name in [*named, *self.files]:
+            if not FILE_NAME_RE.match(name):
+                raise ValueError(f"file name {name!r} is not a plain name inside the version")
+        missing = sorted(set(named) - set(self.files))
+        if missing:
+            raise ValueError(f"files {missing} have no checksum entry")
+        return self
 
 
 def status_path(root: Path) -> Path:
@@ -182,7 +197,7 @@ class Staging:
         """Store metadata columns (int, float or str arrays of n rows)."""
         for i, (name, values) in enumerate(columns.items()):
             col = MetadataColumn(name=name, dtype=values.dtype.kind, file=f"meta_{i}.npy")
-            np.save(self.path / col.file, values)
+            np.save(self.path / col.file, values, allow_pickle=False)
             self.metadata.append(col)
 
     def load_levels(self, n: int, d: int) -> list[Level]:
@@ -235,11 +250,15 @@ def staging(root: Path) -> Iterator[Staging]:
 def clean_stale_staging(root: Path) -> list[Path]:
     """Remove staging directories left by builds whose process is gone; returns them."""
     removed = []
-    for p in root.glob(f"{STAGING_PREFIX}*"):
+    leftovers = [*root.glob(f"{STAGING_PREFIX}*"), *root.glob(".*.tmp-*")]
+    for p in leftovers:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
             continue
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
         removed.append(p)
         logger.info("removed leftover %s", p.name)
     return removed
@@ -262,7 +281,11 @@ def prune(root: Path, keep: int) -> list[str]:
     versions = version_ids(root)
     doomed = [v for v in versions[:-keep] if v != current]
     for v in doomed:
-        shutil.rmtree(root / VERSIONS / v, ignore_errors=True)
+        # Out of versions/ first (one atomic rename), so a kill mid-delete leaves a staging
+        # leftover that the next build removes, never a half-deleted version.
+        trash = root / f"{STAGING_PREFIX}{v}-{os.getpid()}"
+        os.rename(root / VERSIONS / v, trash)
+        shutil.rmtree(trash, ignore_errors=True)
         logger.info("pruned old version %s", v)
     return doomed
 
@@ -304,9 +327,12 @@ def read_manifest(root: Path, version: str) -> Manifest:
             f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}"
         )
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ArtifactError(f"version {version}: invalid manifest: {exc}") from exc
+    if manifest.version != version:
+        raise ArtifactError(f"version {version}: its manifest says it is {manifest.version}")
+    return manifest
 
 
 def verify(root: Path, version: str | None = None) -> list[str]:

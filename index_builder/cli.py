@@ -22,7 +22,7 @@ from index_builder import artifact, nightly
 from index_builder.build import BuildConfig, QualitySpec, ServingSpec, build
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import InputError, open_embeddings, read_metadata
-from index_builder.knn import KnnConfigError, KnnSpec
+from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnConfigError, KnnSpec
 from index_builder.quality import GateSpec, QualityGateError
 
 logger = logging.getLogger("index_builder")
@@ -52,6 +52,12 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recall-sample", type=_positive_int, default=1000,
                    help="rows whose approximate neighbour sets are checked against exact kNN")
     g.add_argument("--seed", type=int, default=0, help="seed of every sample (default 0)")
+    g.add_argument("--exact-kernel", choices=EXACT_KERNELS, default="auto",
+                   help="exact kNN: 'symmetric' (one GEMM per tile pair, both sides' top-k), "
+                   f"'faiss' (faiss.knn per block), 'auto' (symmetric from {SYMMETRIC_MIN_N} rows)")
+    g.add_argument("--batch-lists", action="store_true",
+                   help="with --knn 'IVF<nlist>,Flat': search list by list, one GEMM per inverted "
+                   "list (same neighbours as row-by-row search at the same --nprobe, faster)")
     g = p.add_argument_group("resources")
     g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
                    help=f"rows per block; memory grows with it (default {DEFAULT_BLOCK_SIZE})")
@@ -66,9 +72,14 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
     p.add_argument("--serving-index", default="exact",
-                   help="'exact' (default) or a FAISS factory string for the served index")
+                   help="'exact' (default), 'auto' (exact when small, else IVF within "
+                   "--serving-memory-budget-gib) or a FAISS factory string for the served index")
     p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
     p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
+    p.add_argument("--serving-memory-budget-gib", type=float, default=4.0,
+                   help="--serving-index auto: the served index's size limit (default 4)")
+    p.add_argument("--serving-recall-target", type=float, default=0.95,
+                   help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)")
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
     _add_quality_options(p)
@@ -153,7 +164,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _knn_spec(args: argparse.Namespace) -> KnnSpec:
     return KnnSpec(method=args.knn, nprobe=args.nprobe, ef_search=args.ef_search,
-                   train_size=args.train_size, recall_sample=args.recall_sample, seed=args.seed)
+                   train_size=args.train_size, recall_sample=args.recall_sample, seed=args.seed,
+                   exact_kernel=args.exact_kernel, batch_lists=args.batch_lists)
 
 
 def _params(args: argparse.Namespace) -> AqeParams:
@@ -212,7 +224,9 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         gallery=args.gallery, root=args.root, ids=args.ids, metadata=args.metadata,
         params=_params(args), knn=_knn_spec(args),
         serving=ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe,
-                            ef_search=args.serving_ef_search, seed=args.seed),
+                            ef_search=args.serving_ef_search, seed=args.seed,
+                            memory_budget_gib=args.serving_memory_budget_gib,
+                            recall_target=args.serving_recall_target),
         block_size=args.block_size, keep=args.keep, threads=args.threads,
         show_progress=False if args.no_progress else None,
         quality=_quality_spec(args),
@@ -315,8 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InputError, KnnConfigError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
-    except artifact.ArtifactError as exc:
-        logger.error("%s", exc)
+    except (artifact.ArtifactError, OSError) as exc:
+        logger.error("%s; nothing published", exc)
         return 1
 
 

@@ -87,6 +87,8 @@ def open_embeddings(path: Path) -> EmbeddingSource:
     """Memory-map a ``.npy`` file or a directory of ``.npy`` shards."""
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
+    if not path.is_dir() and not path.is_file():
+        raise InputError(f"{path}: not a regular file or directory")
     if path.is_dir():
         paths = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
         if not paths:

@@ -2,20 +2,28 @@
 
 Only this module maps errors to status codes. Search runs in a plain ``def`` route (Starlette's
 threadpool; FAISS releases the GIL), so the event loop never waits on a search.
+
+Bodies are bounded before they are parsed: by ``AQE_MAX_BODY_BYTES`` and, once a version is
+loaded, by what the largest legal batch can take (``AQE_MAX_BATCH`` x d numbers at
+:data:`BYTES_PER_VALUE` each, plus :data:`BODY_ALLOWANCE` for the other fields), so an oversized
+batch is refused from its ``content-length`` (or its first bytes over the limit) and never
+becomes Python lists.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import faiss
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -29,6 +37,12 @@ from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+# A JSON number as clients write it ("-0.012345678901234567, " with indentation) stays well
+# under 64 bytes; the allowance covers the other fields (k, filter lists, flags).
+BYTES_PER_VALUE = 64
+BODY_ALLOWANCE = 1 << 20
+MAX_VALIDATION_ERRORS = 20
+
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
     413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES"},
@@ -37,17 +51,18 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 class _BodyLimit:
-    """Pure ASGI middleware: refuse bodies over ``limit`` bytes before they are read whole."""
+    """Pure ASGI middleware: refuse bodies over ``limit()`` bytes before they are read whole."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: Callable[[], tuple[int, str]]) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, why = self.limit()
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(self.limit, send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _too_large(limit, why, send)
         if length is not None:
             return await self.app(scope, receive, send)
         # No declared length (chunked): read up to the limit here, then replay it to the app.
@@ -58,8 +73,8 @@ class _BodyLimit:
                 return
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
-            if seen > self.limit:
-                return await _too_large(self.limit, send)
+            if seen > limit:
+                return await _too_large(limit, why, send)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         replayed = False
@@ -74,8 +89,8 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(limit: int, send) -> None:
-    body = f'{{"detail":"request body over the {limit}-byte limit"}}'.encode()
+async def _too_large(limit: int, why: str, send) -> None:
+    body = json.dumps({"detail": f"request body over the {limit}-byte limit ({why})"}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())]})
@@ -132,10 +147,20 @@ def require_admin(request: Request,
 ServedIndex = Annotated[Searcher, Depends(current_searcher)]
 
 
+def body_limit(settings: Settings, searcher: Searcher | None) -> tuple[int, str]:
+    """The request body limit in bytes and where it comes from (the served version's d)."""
+    limit, why = settings.max_body_bytes, "AQE_MAX_BODY_BYTES"
+    if searcher is not None:
+        batch = settings.max_batch * searcher.d * BYTES_PER_VALUE + BODY_ALLOWANCE
+        if batch < limit:
+            limit, why = batch, f"AQE_MAX_BATCH={settings.max_batch} queries of d={searcher.d}"
+    return limit, why
+
+
 def create_app(settings: Settings, manager: IndexManager | None = None) -> FastAPI:
     """Build the app; the index is loaded and watched during the lifespan."""
     manager = manager or IndexManager(settings.index_root, settings.verify_checksums,
-                                      settings.mmap)
+                                      settings.mmap, settings.max_index_bytes)
     metrics = Metrics(lambda: _state(manager, settings))
 
     def on_reload(outcome: ReloadOutcome) -> None:
@@ -159,7 +184,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     app = FastAPI(title="AQE retrieval service", version="0.1.0", lifespan=lifespan,
                   description="Nearest gallery items for an embedding, with online alpha-weighted "
                   "query expansion over a FAISS index published by `index-builder build`.")
-    app.add_middleware(_BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=lambda: body_limit(settings, manager.searcher))
     app.add_middleware(_Observe, metrics=metrics)
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
 
@@ -167,6 +192,20 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     @app.exception_handler(FilterError)
     async def bad_query(request: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes every offending input: a body of 100k bad values would come
+        # back whole. Say where and what, for the first few.
+        errors = exc.errors()
+        detail: list[dict[str, Any]] = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in errors[:MAX_VALIDATION_ERRORS]
+        ]
+        if len(errors) > MAX_VALIDATION_ERRORS:
+            detail.append({"loc": ["body"], "msg": f"and {len(errors) - MAX_VALIDATION_ERRORS} "
+                           "more errors", "type": "too_many_errors"})
+        return JSONResponse({"detail": detail}, status_code=422)
 
     @app.post("/search", response_model=SearchResponse, responses=ERRORS)
     def search(body: SearchRequest, searcher: ServedIndex) -> JSONResponse:
@@ -235,7 +274,8 @@ def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
         raise QueryError(f"embeddings of different lengths {sorted(dims)} in one batch")
     if 0 in dims:
         raise QueryError("empty embedding")
-    return np.asarray(rows, dtype=np.float32)
+    # float64: the searcher checks the values (NaN, Inf, beyond float32) before narrowing them
+    return np.asarray(rows, dtype=np.float64)
 
 
 def _nightly(settings: Settings) -> dict[str, Any] | None:

@@ -46,9 +46,15 @@ def _condition(name: str, col: np.ndarray, op: str, value: Any) -> np.ndarray:
         if not isinstance(value, list):
             raise FilterError(f"{name}.{op} takes a list, got {value!r}")
         values = [_typed(name, col, v) for v in value]
-        hit = np.isin(col, np.array(values, dtype=col.dtype)) if values else np.zeros(len(col), bool)
+        if col.dtype.kind in "iu":  # a value the column cannot hold matches no row
+            info = np.iinfo(col.dtype)
+            values = [v for v in values if info.min <= v <= info.max]
+        # no dtype= here: casting to the column's dtype would truncate longer strings
+        hit = np.isin(col, np.array(values)) if values else np.zeros(len(col), bool)
         return hit if op == "in" else ~hit
     v = _typed(name, col, value)
+    if col.dtype.kind in "iu" and not np.iinfo(col.dtype).min <= v <= np.iinfo(col.dtype).max:
+        v = float(v)  # compare out-of-range integers as floats instead of overflowing
     if op == "eq":
         return np.asarray(col == v)
     if col.dtype.kind not in "iuf":

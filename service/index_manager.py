@@ -40,8 +40,10 @@ class ReloadOutcome:
 class IndexManager:
     """Holds the served :class:`Searcher`; thread-safe reloads, lock-free reads."""
 
-    def __init__(self, root: Path, verify_checksums: bool = True, mmap: bool = True) -> None:
+    def __init__(self, root: Path, verify_checksums: bool = True, mmap: bool = True,
+                 max_index_bytes: int | None = None) -> None:
         self.root = root
+        self.max_index_bytes = max_index_bytes
         self.verify_checksums = verify_checksums
         self.mmap = mmap
         self.searcher: Searcher | None = None
@@ -76,6 +78,12 @@ class IndexManager:
             return ReloadOutcome("unchanged", served)
         t0 = time.perf_counter()
         try:
+            if self.max_index_bytes is not None:
+                files = artifact.read_manifest(self.root, target).files.values()
+                size = sum(f.bytes for f in files)
+                if size > self.max_index_bytes:
+                    return self._fail(target, f"version {target}: {size} bytes of files, over "
+                                      f"AQE_MAX_INDEX_BYTES={self.max_index_bytes}")
             art = artifact.load(self.root, target, check=self.verify_checksums, mmap=self.mmap)
             searcher = Searcher(art)
             searcher.warm_up()

@@ -29,6 +29,9 @@ from service.filters import filter_mask
 logger = logging.getLogger(__name__)
 
 
+MAX_ABS_VALUE = 1e30
+
+
 class QueryError(ValueError):
     """A query the searcher cannot answer as asked (dimension, values, k, batch)."""
 
@@ -108,7 +111,14 @@ class Searcher:
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:
         """Validate a (q, d) batch: right dimension, finite, not all zero."""
-        q = np.asarray(queries, dtype=np.float32)
+        raw = np.asarray(queries)
+        finite = np.isfinite(raw)
+        huge = np.flatnonzero((finite & (np.abs(np.where(finite, raw, 0)) > MAX_ABS_VALUE))
+                              .any(axis=-1)) if raw.ndim == 2 else []
+        if len(huge):
+            raise QueryError(f"embeddings {huge[:10].tolist()} have values beyond +-{MAX_ABS_VALUE:g}"
+                             " (float32 norms would overflow)")
+        q = np.asarray(raw, dtype=np.float32)
         if q.ndim != 2 or q.shape[0] == 0:
             raise QueryError("send at least one query embedding")
         if q.shape[1] != self.d:

@@ -31,9 +31,19 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(
         36 * 3600.0, gt=0, description="the nightly build is stale after this long without success"
     )
+    max_index_bytes: int | None = Field(
+        None, ge=1, description="memory budget of one loaded version (sum of its files' sizes in "
+        "the manifest); a bigger version is refused before it is loaded; unset: no limit"
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:
         # AQE_ADMIN_TOKEN="" must not switch admin routes on with an empty bearer token.
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("max_index_bytes", mode="before")
+    @classmethod
+    def _empty_budget_is_unset(cls, value: object) -> object:
+        # AQE_MAX_INDEX_BYTES="" (a blank value in a compose or k8s file) means no budget.
         return None if isinstance(value, str) and not value.strip() else value
