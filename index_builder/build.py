@@ -46,9 +46,22 @@ from index_builder.quality import (
 logger = logging.getLogger(__name__)
 
 
+AUTO = "auto"
+AUTO_EXACT_MAX_N = 200_000
+"""``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget."""
+AUTO_NPROBE_LADDER = (16, 32, 64, 128, 256, 512)
+"""nprobe values ``auto`` tries, smallest first, until recall@k reaches the target."""
+
+
 @dataclass(frozen=True)
 class ServingSpec:
-    """The serving index over the expanded rows: ``exact`` or a FAISS factory string."""
+    """The serving index over the expanded rows: ``exact``, ``auto`` or a FAISS factory string.
+
+    ``auto`` picks exact (flat) search for galleries up to ``AUTO_EXACT_MAX_N`` rows, else
+    ``IVF<nlist>`` (nlist ~ 4 sqrt(N)) with the finest storage (Flat, SQ8, PQ) that fits
+    ``memory_budget_gib``, and the smallest nprobe whose measured recall@k reaches
+    ``recall_target`` (unless ``nprobe`` is given). See :func:`choose_serving_method`.
+    """
 
     method: str = "exact"
     nprobe: int | None = None
@@ -56,6 +69,14 @@ class ServingSpec:
     recall_k: int = 10
     recall_sample: int = 1000
     seed: int = 0
+    memory_budget_gib: float = 4.0
+    recall_target: float = 0.95
+
+    def __post_init__(self) -> None:
+        if not self.memory_budget_gib > 0:
+            raise ValueError(f"memory_budget_gib must be > 0, got {self.memory_budget_gib}")
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
 
 
 @dataclass(frozen=True)
@@ -222,25 +243,84 @@ def build_serving_index(
 ) -> tuple[Any, artifact.ServingIndexEntry]:
     """The index searched by the service over ``u`` (n, d) normalised expanded rows.
 
-    For an approximate index, recall@k against exact search is measured on a sample of rows used
-    as queries.
+    ``auto`` is resolved first (:func:`choose_serving_method`); the entry records what was
+    chosen. For an approximate index, recall@k against exact search is measured on a sample of
+    rows used as queries; IVF indexes get a direct map (8 bytes a row) so that the service can
+    reconstruct rows for its exact fallback under filters.
     """
-    knn_spec = KnnSpec(method=spec.method, seed=spec.seed)
-    with progress("serving index", u.shape[0], enabled=show_progress) as update:
+    n, d = u.shape
+    nprobe = spec.nprobe
+    method = spec.method
+    if method.lower() == AUTO:
+        method, reason = choose_serving_method(n, d, spec.memory_budget_gib)
+        logger.info("serving index auto: %s (%s)", method, reason)
+    knn_spec = KnnSpec(method=method, seed=spec.seed)
+    with progress("serving index", n, enabled=show_progress) as update:
         index = build_index(u, knn_spec, block_size, update)
-    entry = artifact.ServingIndexEntry(spec=spec.method, index_type=_describe(index),
-                                       nprobe=spec.nprobe, ef_search=spec.ef_search)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        ivf.make_direct_map()
+    entry = artifact.ServingIndexEntry(spec=method, index_type=_describe(index),
+                                       nprobe=nprobe, ef_search=spec.ef_search)
     if not knn_spec.exact:
-        k = min(spec.recall_k, u.shape[0])
-        rows = sample_rows(u.shape[0], spec.recall_sample, spec.seed)
+        k = min(spec.recall_k, n)
+        rows = sample_rows(n, spec.recall_sample, spec.seed)
         xq = np.ascontiguousarray(u[rows])
-        params = search_parameters(index, spec.nprobe, spec.ef_search)
-        _, found = index.search(xq, k, params=params)
-        entry.recall_at_k = set_recall(found, exact_knn(xq, u, k)[1])
+        truth = exact_knn(xq, u, k)[1]
+
+        def recall(nprobe: int | None) -> float:
+            params = search_parameters(index, nprobe, spec.ef_search)
+            return set_recall(index.search(xq, k, params=params)[1], truth)
+
+        if spec.method.lower() == AUTO and nprobe is None and ivf is not None:
+            nprobe, entry.recall_at_k = _tune_nprobe(recall, ivf.nlist, spec.recall_target)
+            entry.nprobe = nprobe
+        else:
+            entry.recall_at_k = recall(nprobe)
         entry.recall_k, entry.recall_sample = k, len(rows)
-        logger.info("serving index %s: recall@%d %.4f on %d queries", spec.method, k,
-                    entry.recall_at_k, len(rows))
+        logger.info("serving index %s (nprobe %s): recall@%d %.4f on %d queries", method, nprobe,
+                    k, entry.recall_at_k, len(rows))
     return index, entry
+
+
+def choose_serving_method(n: int, d: int, memory_budget_gib: float) -> tuple[str, str]:
+    """The serving index ``auto`` picks for n rows of dimension d: (factory string, reason).
+
+    Exact (flat, ``4 n d`` bytes) up to ``AUTO_EXACT_MAX_N`` rows; above, or when flat does not
+    fit, ``IVF<nlist>`` with nlist the power of two nearest ``4 sqrt(n)`` (at most n / 39, the
+    rows k-means needs per list) and the finest storage within the budget: Flat (``4 d`` bytes a
+    row), SQ8 (``d``), PQ<m> (``m``), each plus 16 bytes a row (list id, direct map). Raises
+    ``ValueError`` when even the smallest PQ does not fit.
+    """
+    budget = memory_budget_gib * 2**30
+    flat = 4 * n * d
+    if n <= AUTO_EXACT_MAX_N and flat <= budget:
+        return "exact", f"{n} rows <= {AUTO_EXACT_MAX_N}: flat search, {flat / 2**30:.2f} GiB"
+    nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 1))))
+    nlist = min(nlist, 2 ** int(np.log2(max(n // 39, 1))))  # a power of two <= n / 39
+    why = f"{n} rows > {AUTO_EXACT_MAX_N}" if flat <= budget else (
+        f"flat needs {flat / 2**30:.2f} GiB > budget {memory_budget_gib} GiB")
+    storages = [("Flat", 4 * d), ("SQ8", d)]
+    storages += [(f"PQ{m}", m) for m in range(d, 0, -1) if d % m == 0 and m < d and m <= 64]
+    for name, row_bytes in storages:
+        size = n * (row_bytes + 16) + nlist * d * 4
+        if size <= budget:
+            return (f"IVF{nlist},{name}",
+                    f"{why}; IVF{nlist},{name} needs {size / 2**30:.2f} GiB of {memory_budget_gib}")
+    raise ValueError(f"serving memory budget {memory_budget_gib} GiB is too small for {n} rows of "
+                     f"dimension {d} (the smallest IVF,PQ needs {size / 2**30:.2f} GiB)")
+
+
+def _tune_nprobe(recall, nlist: int, target: float) -> tuple[int, float]:
+    """The smallest nprobe of the ladder whose ``recall(nprobe)`` reaches ``target``."""
+    ladder = [p for p in AUTO_NPROBE_LADDER if p < nlist] + [nlist]
+    for nprobe in ladder:
+        value = recall(nprobe)
+        if value >= target:
+            return nprobe, value
+    logger.warning("serving index: recall %.4f < target %.2f even with all %d lists probed",
+                   value, target, nlist)
+    return nprobe, value
 
 
 def _describe(index) -> str:
