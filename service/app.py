@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from index_builder import nightly
+from service.batcher import Batcher
 from service.filters import FilterError
 from service.index_manager import IndexManager, ReloadOutcome
 from service.metrics import Metrics
@@ -176,10 +177,12 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         faiss.omp_set_num_threads(settings.threads)
         manager.reload()
         manager.start_watching(settings.reload_interval_s)
+        app.state.batcher = Batcher(settings.batch_workers, settings.max_batch)
         try:
             yield
         finally:
             manager.stop()
+            app.state.batcher.close()
 
     app = FastAPI(title="AQE retrieval service", version="0.1.0", lifespan=lifespan,
                   description="Nearest gallery items for an embedding, with online alpha-weighted "
@@ -214,7 +217,10 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         if not 1 <= body.k <= settings.max_k:
             raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
         metrics.queries.observe(len(queries))
-        hits = searcher.search(queries, body.k, expand=body.expand_query, filters=body.filter)
+        if body.filter:
+            hits = searcher.search(queries, body.k, expand=body.expand_query, filters=body.filter)
+        else:  # gathered with concurrent requests into one FAISS call
+            hits = app.state.batcher.search(searcher, queries, body.k, expand=body.expand_query)
         results = [
             [
                 {"id": searcher.external_id(h.row), "score": h.score}

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     max_batch: int = Field(256, ge=1, le=100_000)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size limit")
     threads: int = Field(1, ge=1, le=1024, description="FAISS OpenMP threads per search")
+    batch_workers: int = Field(
+        2, ge=1, le=64, description="threads running batched searches (concurrent requests are "
+        "gathered into one FAISS call per worker)"
+    )
     verify_checksums: bool = Field(True, description="recompute checksums when loading a version")
     mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
