@@ -26,15 +26,8 @@ def cmc_curves(table: dict[str, dict[str, Any]], out: Path, max_rank: int = 20) 
         if cmc:
             ranks = range(1, min(max_rank, len(cmc)) + 1)
             ax.plot(list(ranks), cmc[: len(ranks)], marker=".", label=f"{name} (mAP {row['mAP']:.3f})")
-    ax.set_xlabel("rank")
-    ax.set_ylabel("CMC (match rate)")
-    ax.set_title("CMC: raw vs alpha-weighted query expansion")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, ax, out, "rank", "CMC (match rate)",
+                 "CMC: raw vs alpha-weighted query expansion")
 
 
 def map_vs_qe_k(grid: list[dict[str, Any]], raw_map: float, out: Path) -> Path:
@@ -46,9 +39,13 @@ def map_vs_qe_k(grid: list[dict[str, Any]], raw_map: float, out: Path) -> Path:
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"alpha={alpha:g}")
     ax.axhline(raw_map, color="grey", linestyle="--", label=f"raw ({raw_map:.3f})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("qe_k")
-    ax.set_ylabel("mAP (serving-mode AQE)")
-    ax.set_title("mAP against qe_k")
+    return _save(plt, fig, ax, out, "qe_k", "mAP (serving-mode AQE)", "mAP against qe_k")
+
+
+def _save(plt, fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
