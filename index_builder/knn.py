@@ -103,8 +103,12 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return sims, ids
 
 
-def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None):
-    """A trained FAISS inner-product index over ``u`` (n, d) float32, built from ``spec.method``."""
+def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None,
+                add: bool = True):
+    """A trained FAISS inner-product index over ``u`` (n, d) float32, built from ``spec.method``.
+
+    With ``add=False`` the index is trained but left empty.
+    """
     n, d = u.shape
     index = _factory(d, spec)
     if not index.is_trained:
@@ -116,7 +120,7 @@ def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progres
             raise KnnConfigError(
                 f"training {spec.method!r} on {len(sample)} rows failed: {_first_line(exc)}"
             ) from exc
-    for lo in range(0, n, block_size):
+    for lo in range(0, n if add else 0, block_size):
         index.add(np.ascontiguousarray(u[lo : lo + block_size]))
         if progress:
             progress(min(block_size, n - lo))
@@ -145,8 +149,8 @@ def self_knn(
     elif spec.batch_lists:
         if not isinstance(faiss.downcast_index(_factory(u.shape[1], spec)), faiss.IndexIVFFlat):
             raise KnnConfigError(f"batch_lists needs an 'IVF<nlist>,Flat' index, got {spec.method!r}")
-        index = build_index(u, spec, block_size)
-        sims, ids = batch_list_search(index, u, k, spec.nprobe, block_size, progress)
+        index = build_index(u, spec, block_size, add=False)
+        sims, ids = batch_self_knn(index, u, k, spec.nprobe, block_size, progress)
     else:
         if spec.exact:
             search = lambda xq: exact_knn(xq, u, k)  # noqa: E731
@@ -196,7 +200,6 @@ def symmetric_self_knn(
     result = faiss.ResultHeap(n, k, keep_max=True)
     heaps = [result] + [faiss.ResultHeap(n, k, keep_max=True) for _ in range(workers - 1)]
     buffers = [np.empty(min(tile, n) ** 2, dtype=np.float32) for _ in range(workers)]
-    masks = [np.empty(min(tile, n) ** 2, dtype=bool) for _ in range(workers)]
     floor = np.empty(0, dtype=np.float32)
 
     def gemm(a0: int, b0: int, slot: int) -> np.ndarray:
@@ -213,7 +216,13 @@ def symmetric_self_knn(
         s = gemm(a0, b0, slot)
         heap = heaps[slot]
         heap.heaps.addn(s.shape[1], swig_ptr(s), b0, a0, s.shape[0])
-        add_columns(heap, s, a0, b0, floor, masks[slot][: s.size].reshape(s.shape))
+        # every heap's k-th best bounds the final one from below (the other workers' heaps are
+        # read while they change: any value read is one they held, so still a lower bound)
+        bound = floor[b0 : b0 + s.shape[1]]
+        for other in heaps:
+            if other is not heap:
+                bound = np.maximum(bound, other.D[b0 : b0 + s.shape[1], 0])
+        add_columns(heap, s, a0, b0, bound)
 
     cells = lambda t: min(tile, n - t[0]) * min(tile, n - t[1])  # noqa: E731
     ticker = _Ticker(progress, n, sum(cells(t) for t in diagonal + off))
@@ -224,56 +233,71 @@ def symmetric_self_knn(
     return _merge(heaps)
 
 
-def add_columns(heap, s: np.ndarray, a0: int, b0: int, floor: np.ndarray,
-                mask: np.ndarray | None = None) -> None:
-    """Merge the columns of tile ``s`` (rows a0.., columns b0..) into the heaps of rows b0...
+def add_columns(heap, s: np.ndarray, a0: int, b0: int, bound: np.ndarray) -> None:
+    """Merge the columns of tile ``s`` (rows a0.., columns b0..) into ``heap``'s rows b0...
 
-    Only values above the row's current k-th best (and ``floor``, a lower bound of it) can
-    enter, so the candidates are found with one vectorised comparison, grouped by column and
-    added as a padded (columns, width) batch.
+    Only values above ``bound`` (bj,) (a lower bound of each row's final k-th best) and the
+    heap's own k-th best can enter, so candidates are found with one vectorised comparison,
+    without transposing the tile, and each is offered to its row's heap on its own.
     """
     bj = s.shape[1]
-    threshold = heap.D[b0 : b0 + bj, 0]
-    if len(floor):
-        threshold = np.maximum(threshold, floor[b0 : b0 + bj])
-    flat = np.flatnonzero(np.greater(s, threshold, out=mask))
+    threshold = np.maximum(heap.D[b0 : b0 + bj, 0], bound)
+    flat = np.flatnonzero(s > threshold)
     if flat.size == 0:
         return
-    values = s.ravel()[flat]
+    values = np.ascontiguousarray(s.ravel()[flat])
     rows, cols = np.divmod(flat, bj)
-    order = np.argsort(cols, kind="stable")
-    rows, cols, values = rows[order], cols[order], values[order]
-    col_ids, first, counts = np.unique(cols, return_index=True, return_counts=True)
-    width = int(counts.max())
-    slot = np.arange(cols.size) - np.repeat(first, counts)
-    group = np.repeat(np.arange(col_ids.size), counts)
-    vin = np.full((col_ids.size, width), -np.inf, dtype=np.float32)
-    ids = np.full((col_ids.size, width), -1, dtype=np.int64)
-    vin[group, slot] = values
-    ids[group, slot] = rows + a0
-    subset = (col_ids + b0).astype(np.int64)
-    heap.heaps.addn_query_subset_with_ids(col_ids.size, swig_ptr(subset), width, swig_ptr(vin),
-                                          swig_ptr(ids), width)
+    subset, ids = cols + b0, rows + a0
+    # one value per entry, rows repeated: safe because tile workers run FAISS serially (_run)
+    heap.heaps.addn_query_subset_with_ids(values.size, swig_ptr(subset), 1, swig_ptr(values),
+                                          swig_ptr(ids), 1)
+
+
+def batch_self_knn(
+    index, u: np.ndarray, k: int, nprobe: int | None, block_size: int,
+    progress: Progress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fill the trained, empty ``IndexIVFFlat`` ``index`` with ``u`` and batch-search it.
+
+    The coarse assignment is computed once: its first column places every row in its list (no
+    second quantizer pass for ``add``), all its columns drive :func:`batch_list_search`.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    assign = coarse_assignment(index, u, min(nprobe or 1, ivf.nlist), block_size)
+    for lo in range(0, u.shape[0], block_size):
+        xb, near = u[lo : lo + block_size], assign[lo : lo + block_size, 0].astype(np.int64)
+        ivf.add_core(len(xb), swig_ptr(xb), None, swig_ptr(near))
+    return batch_list_search(index, u, k, assign.shape[1], block_size, progress, assign)
+
+
+def coarse_assignment(index, u: np.ndarray, nprobe: int, block_size: int) -> np.ndarray:
+    """The ``nprobe`` nearest inverted lists of every row of ``u``: (n, nprobe) int32, nearest first."""
+    ivf = faiss.extract_index_ivf(index)
+    assign = np.empty((u.shape[0], nprobe), dtype=np.int32)
+    for lo in range(0, u.shape[0], block_size):
+        assign[lo : lo + block_size] = ivf.quantizer.search(u[lo : lo + block_size], nprobe)[1]
+    if (assign < 0).any():
+        raise KnnConfigError(f"the coarse quantizer of {ivf.nlist} lists returned no list")
+    return assign
 
 
 def batch_list_search(
     index, u: np.ndarray, k: int, nprobe: int | None, block_size: int,
-    progress: Progress | None = None,
+    progress: Progress | None = None, assign: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of every row of ``u`` in the ``IndexIVFFlat`` ``index`` over ``u``, list by list.
 
     The same candidates as ``index.search(u, k)`` at ``nprobe`` (the rows of the ``nprobe``
     nearest lists), scored by one GEMM per inverted list (chunked to ``SYMMETRIC_TILE**2``
-    values) instead of one scan per row. Returns (sims, ids) (n, k), best first, ``-1`` padded.
+    values) instead of one scan per row. ``assign``: :func:`coarse_assignment`, if known (it is
+    consumed). Returns (sims, ids) (n, k), best first, ``-1`` padded. Extra memory:
+    ``n * nprobe * 4`` bytes plus the per-worker heaps and tiles.
     """
     ivf = faiss.extract_index_ivf(index)
     n = u.shape[0]
     nprobe = min(nprobe or ivf.nprobe, ivf.nlist)
-    assign = np.empty((n, nprobe), dtype=np.int32)
-    for lo in range(0, n, block_size):
-        assign[lo : lo + block_size] = ivf.quantizer.search(u[lo : lo + block_size], nprobe)[1]
-    if (assign < 0).any():
-        raise KnnConfigError(f"the coarse quantizer of {ivf.nlist} lists returned no list")
+    if assign is None:
+        assign = coarse_assignment(index, u, nprobe, block_size)
     # afterwards assign.ravel()[lims[l]:lims[l + 1]] are the rows that probe list l
     lims = faiss.matrix_bucket_sort_inplace(assign, nbucket=ivf.nlist, nt=faiss.omp_get_max_threads())
     queries = assign.ravel()
@@ -281,7 +305,8 @@ def batch_list_search(
     tasks = []
     for lst, ids in enumerate(list_ids):
         lo, hi = int(lims[lst]), int(lims[lst + 1])
-        step = max(1, SYMMETRIC_TILE**2 // max(len(ids), 1))
+        # a chunk's scores (rows x list) and gathered rows (rows x d) stay within one tile
+        step = max(1, SYMMETRIC_TILE**2 // max(len(ids), u.shape[1], 1))
         tasks += [(lst, q, min(hi, q + step)) for q in range(lo, hi, step) if len(ids)]
     tasks.sort(key=lambda t: (t[2] - t[1]) * len(list_ids[t[0]]), reverse=True)
     workers = _workers()
@@ -330,18 +355,18 @@ class _Ticker:
 
 def _run(tasks: Sequence, work: Callable[[Any, int], None], workers: int,
          done: Callable[[Any], None]) -> None:
-    """``work(task, slot)`` for every task on ``workers`` threads (slot = the worker's number)."""
-    if workers == 1:
-        for task in tasks:
-            work(task, 0)
-            done(task)
-        return
+    """``work(task, slot)`` for every task on ``workers`` threads (slot = the worker's number).
+
+    Always in threads of their own, even one: each sets its own OpenMP thread count to 1, so
+    FAISS heap insertions inside a task run serially (``add_columns`` relies on it) while the
+    caller's setting is left alone.
+    """
     lock = threading.Lock()
     pending: Iterable = iter(tasks)
     errors: list[BaseException] = []
 
     def loop(slot: int) -> None:
-        faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only: the heaps stay serial
+        faiss.omp_set_num_threads(1)  # this thread's OpenMP setting only
         try:
             while not errors:
                 with lock:
