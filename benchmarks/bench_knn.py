@@ -2,7 +2,7 @@
 
 In one process, interleaved ``--repeat`` times (so machine load hits all of them alike):
   * GEMM peak: numpy float32 matmul of two 4096 x 4096 matrices, best of 3 (the BLAS and its
-    threads are printed, via threadpoolctl when installed);
+    threads are printed, via threadpoolctl);
   * the kNN phase: ``knn.self_knn(u, k, KnnSpec(), block_size)`` (the builder's exact default);
   * a profile of the kNN phase: the same tiles and threads with GEMM only (no top-k), so
     ``1 - gemm_only / knn`` is the share of the top-k selection and the tile bookkeeping;
@@ -37,10 +37,8 @@ from index_builder.knn import KnnSpec, self_knn
 
 
 def blas_info() -> list[dict]:
-    try:
-        from threadpoolctl import threadpool_info
-    except ImportError:
-        return [{"note": "threadpoolctl not installed"}]
+    from threadpoolctl import threadpool_info
+
     return [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
                                     "threading_layer")} for i in threadpool_info()]
 
