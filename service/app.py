@@ -1,7 +1,10 @@
 """The HTTP layer: a thin FastAPI app over :class:`~service.index_manager.IndexManager`.
 
-Only this module maps errors to status codes. Search runs in a plain ``def`` route (Starlette's
-threadpool; FAISS releases the GIL), so the event loop never waits on a search.
+Only this module maps errors to status codes. ``/search`` is a coroutine that never blocks the
+event loop on a search: every search runs on the :class:`~service.batcher.Batcher`'s threads
+(concurrent unfiltered requests gathered into one FAISS call; FAISS releases the GIL) and is
+awaited there; the rendering of large answers runs in Starlette's threadpool. A small request
+costs no thread hop besides the batcher's (benchmarks/bench_service.py).
 
 Bodies are bounded before they are parsed: by ``AQE_MAX_BODY_BYTES`` and, once a version is
 loaded, by what the largest legal batch can take (``AQE_MAX_BATCH`` x d numbers at
@@ -12,6 +15,7 @@ becomes Python lists.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -23,9 +27,11 @@ from typing import Annotated, Any
 import faiss
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from threadpoolctl import threadpool_limits
 
 from index_builder import nightly
 from service.batcher import Batcher
@@ -33,7 +39,7 @@ from service.filters import FilterError
 from service.index_manager import IndexManager, ReloadOutcome
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, SearchRequest, SearchResponse
-from service.searcher import QueryError, Searcher
+from service.searcher import Hit, QueryError, Searcher
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,8 @@ logger = logging.getLogger(__name__)
 BYTES_PER_VALUE = 64
 BODY_ALLOWANCE = 1 << 20
 MAX_VALIDATION_ERRORS = 20
+# Answers with more hits than this are turned into JSON in the threadpool, not the event loop.
+RENDER_INLINE_HITS = 2000
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
@@ -125,7 +133,7 @@ class _Observe:
             self.metrics.latency.labels(label).observe(time.perf_counter() - t0)
 
 
-def current_searcher(request: Request) -> Searcher:
+async def current_searcher(request: Request) -> Searcher:
     """The searcher of the served version, taken once per request (503 before the first load)."""
     searcher = request.app.state.manager.searcher
     if searcher is None:
@@ -175,14 +183,17 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         faiss.omp_set_num_threads(settings.threads)
+        # numpy's BLAS pool is process-wide: as wide as a search may be, not as the machine
+        blas = threadpool_limits(settings.threads, user_api="blas")
         manager.reload()
         manager.start_watching(settings.reload_interval_s)
-        app.state.batcher = Batcher(settings.batch_workers, settings.max_batch)
+        app.state.batcher = Batcher(settings.batch_workers, settings.max_batch, settings.threads)
         try:
             yield
         finally:
             manager.stop()
             app.state.batcher.close()
+            blas.restore_original_limits()
 
     app = FastAPI(title="AQE retrieval service", version="0.1.0", lifespan=lifespan,
                   description="Nearest gallery items for an embedding, with online alpha-weighted "
@@ -211,25 +222,18 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.post("/search", response_model=SearchResponse, responses=ERRORS)
-    def search(body: SearchRequest, searcher: ServedIndex) -> JSONResponse:
+    async def search(body: SearchRequest, searcher: ServedIndex) -> Response:
         """Nearest gallery items of each query embedding, best first."""
         queries = _queries(body, settings)
         if not 1 <= body.k <= settings.max_k:
             raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
         metrics.queries.observe(len(queries))
-        if body.filter:
-            hits = searcher.search(queries, body.k, expand=body.expand_query, filters=body.filter)
-        else:  # gathered with concurrent requests into one FAISS call
-            hits = app.state.batcher.search(searcher, queries, body.k, expand=body.expand_query)
-        results = [
-            [
-                {"id": searcher.external_id(h.row), "score": h.score}
-                | ({"metadata": searcher.metadata(h.row)} if body.with_metadata else {})
-                for h in row
-            ]
-            for row in hits
-        ]
-        return JSONResponse({"index_version": searcher.version, "results": results})
+        # unfiltered queries are gathered with concurrent requests into one FAISS call
+        hits = await asyncio.wrap_future(app.state.batcher.submit(
+            searcher, queries, body.k, expand=body.expand_query, filters=body.filter))
+        if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:
+            return _render(searcher, hits, body.with_metadata)
+        return await run_in_threadpool(_render, searcher, hits, body.with_metadata)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -264,6 +268,18 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         return JSONResponse(body, status_code=409 if outcome.status == "failed" else 200)
 
     return app
+
+
+def _render(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
+    results = [
+        [
+            {"id": searcher.external_id(h.row), "score": h.score}
+            | ({"metadata": searcher.metadata(h.row)} if with_metadata else {})
+            for h in row
+        ]
+        for row in hits
+    ]
+    return JSONResponse({"index_version": searcher.version, "results": results})
 
 
 def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:

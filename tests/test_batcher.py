@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import faiss
 import numpy as np
 import pytest
 
@@ -55,3 +57,69 @@ def test_versions_are_never_mixed_and_errors_reach_the_caller(built_root, search
             batcher.search(searcher, np.ones((1, 5), np.float32), 3)
     finally:
         batcher.close()
+
+
+def test_a_cancelled_request_is_dropped_and_the_workers_go_on(searcher, small_gallery):
+    """A client that goes away cancels its future; the batch it was in still answers the rest."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+    try:
+        # hold the only worker inside a search so the next jobs wait in the queue
+        slow = batcher.submit(_Blocking(searcher, gate), x[:1], 3)
+        gone = batcher.submit(searcher, x[1:2], 3)
+        kept = batcher.submit(searcher, x[2:3], 3)
+        assert gone.cancel()
+        gate.set()
+        assert len(slow.result(timeout=10)[0]) == 3
+        assert [h.row for h in kept.result(timeout=10)[0]] == [h.row for h in
+                                                               searcher.search(x[2:3], 3)[0]]
+        assert gone.cancelled()
+        # the worker survived: a later request is answered
+        assert len(batcher.search(searcher, x[3:4], 2)[0]) == 2
+    finally:
+        gate.set()
+        batcher.close()
+
+
+class _Blocking:
+    """A searcher stand-in whose search waits for ``gate`` (for queueing jobs behind it)."""
+
+    def __init__(self, searcher: Searcher, gate: threading.Event) -> None:
+        self.searcher, self.gate = searcher, gate
+
+    def check_queries(self, queries):
+        return self.searcher.check_queries(queries)
+
+    def search(self, queries, k, expand=True, filters=None):
+        assert self.gate.wait(10)
+        return self.searcher.search(queries, k, expand, filters)
+
+
+def test_searches_run_with_the_configured_openmp_threads(searcher, small_gallery):
+    """OpenMP settings are per thread: each worker sets its own, or FAISS teams oversubscribe."""
+    x, _ = small_gallery
+    seen: list[int] = []
+
+    class Recording(_Blocking):
+        def search(self, queries, k, expand=True, filters=None):
+            seen.append(faiss.omp_get_max_threads())
+            return self.searcher.search(queries, k, expand, filters)
+
+    batcher = Batcher(workers=2, threads=3)
+    try:
+        for i in range(4):
+            batcher.search(Recording(searcher, threading.Event()), x[i : i + 1], 2)
+    finally:
+        batcher.close()
+    assert seen == [3, 3, 3, 3]
+
+
+def test_filtered_searches_run_alone_on_the_workers(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    try:
+        got = batcher.search(searcher, x[:2], 4, filters={"camera": {"not_in": [0]}})
+    finally:
+        batcher.close()
+    assert got == searcher.search(x[:2], 4, filters={"camera": {"not_in": [0]}})
