@@ -1,13 +1,21 @@
 """The search service over HTTP against raw in-process FAISS on the same index, in one run.
 
-Builds an index from structured synthetic data, then measures:
-  * raw in-process: the serving index's ``search`` for one query (no expansion), the same with
-    online query expansion (``Searcher.search``), and batch-32 throughput;
-  * HTTP (``search-service`` in its own process, keep-alive clients on loopback): single-query
-    latency p50/p99, and throughput with 1 .. 64 concurrent clients.
-Client and server share this machine's cores, so the HTTP figures include the clients' own cost.
+Builds an index from structured synthetic data (by default the kNN graph and the serving index
+both ``IVF1024,Flat`` at nprobe 16: the graph's index is what online expansion searches, so a
+flat one would make every query scan the whole gallery), then measures:
+  * raw in-process, the anchors: the serving index's ``search`` of one query (FAISS alone), the
+    same with online query expansion (``Searcher.search``: what one request computes), and
+    batch-32 throughput of ``Searcher.search``, the best of one thread with FAISS's default
+    threads and one thread per core with one FAISS thread each;
+  * HTTP (``search-service`` in its own process(es), ``AQE_WORKERS``; the lean keep-alive
+    client of http_load.py in another process): single-query p50/p99 with one client, the floor
+    of the HTTP stack (``GET /healthz``), and throughput with 1 .. 64 concurrent clients;
+  * memory of the worker processes: RSS, and PSS/USS (what each process holds alone), against
+    the size of the version's files, to show the workers share one memory-mapped index.
+Client and server share this machine's cores, so the HTTP figures include the client's own cost.
 
-    python benchmarks/bench_service.py --n 100000 --d 256
+    python benchmarks/bench_service.py                       # 100,000 x 256, one worker
+    python benchmarks/bench_service.py --workers 2 --concurrency 1,8,32,64
 """
 
 from __future__ import annotations
@@ -23,17 +31,19 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
+import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from http_load import run_in_subprocess  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 
 def percentiles(samples: list[float]) -> tuple[float, float]:
     a = np.array(samples) * 1000
-    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+    return round(float(np.percentile(a, 50)), 3), round(float(np.percentile(a, 99)), 3)
 
 
 def timed(fn, queries: np.ndarray, repeat: int) -> list[float]:
@@ -46,35 +56,69 @@ def timed(fn, queries: np.ndarray, repeat: int) -> list[float]:
     return out
 
 
-def http_clients(url: str, queries: list[list[float]], clients: int, seconds: float, k: int):
-    """Closed-loop clients for ``seconds``; returns (requests/s, errors, p50 ms, p99 ms)."""
-    stop = time.monotonic() + seconds
-    lat: list[float] = []
-    errors = [0]
-    lock = threading.Lock()
+def batch_qps(searcher, queries: np.ndarray, k: int, seconds: float, threads: int) -> float:
+    """Queries/s of ``threads`` threads each searching batches of 32 back to back."""
+    done = [0] * threads
+    stop = time.perf_counter() + seconds
 
-    def run(seed: int) -> None:
-        mine, bad = [], 0
-        with httpx.Client(base_url=url, timeout=30) as c:
-            i = seed
-            while time.monotonic() < stop:
-                t0 = time.perf_counter()
-                r = c.post("/search", json={"embedding": queries[i % len(queries)], "k": k})
-                mine.append(time.perf_counter() - t0)
-                bad += r.status_code != 200
-                i += clients
-        with lock:
-            lat.extend(mine)
-            errors[0] += bad
+    def loop(slot: int) -> None:
+        i = slot * 32
+        while time.perf_counter() < stop:
+            lo = i % (len(queries) - 32)
+            searcher.search(queries[lo : lo + 32], k)
+            done[slot] += 32
+            i += 32 * threads
 
-    threads = [threading.Thread(target=run, args=(s,)) for s in range(clients)]
     t0 = time.perf_counter()
-    for t in threads:
+    workers = [threading.Thread(target=loop, args=(s,)) for s in range(threads)]
+    for t in workers:
         t.start()
-    for t in threads:
+    for t in workers:
         t.join()
-    p50, p99 = percentiles(lat)
-    return len(lat) / (time.perf_counter() - t0), errors[0], p50, p99
+    return sum(done) / (time.perf_counter() - t0)
+
+
+def raw_anchors(root: Path, queries: np.ndarray, k: int, repeat: int, seconds: float) -> dict:
+    import faiss
+
+    from index_builder import artifact
+    from index_builder.aqe import normalize_rows
+    from service.searcher import Searcher
+
+    s = Searcher(artifact.load(root))
+    s.warm_up()
+    index = s.artifact.serving_index
+    params = faiss.SearchParametersIVF(nprobe=s.manifest.serving_index.nprobe or 1) \
+        if faiss.try_extract_index_ivf(index) is not None else None
+    cores = os.cpu_count() or 1
+    faiss.omp_set_num_threads(1)  # as the service runs each search (AQE_THREADS=1)
+    res: dict = {}
+    res["raw_faiss_p50_ms"], res["raw_faiss_p99_ms"] = percentiles(
+        timed(lambda q: index.search(normalize_rows(q)[0], k, params=params), queries, repeat))
+    res["raw_aqe_p50_ms"], res["raw_aqe_p99_ms"] = percentiles(
+        timed(lambda q: s.search(q, k), queries, repeat))
+    per_core = batch_qps(s, queries, k, seconds, cores)
+    faiss.omp_set_num_threads(cores)
+    one_thread = batch_qps(s, queries, k, seconds, 1)
+    res["raw_batch32_qps_threads_per_core"] = round(per_core, 1)
+    res["raw_batch32_qps_one_thread"] = round(one_thread, 1)
+    res["raw_batch32_qps"] = round(max(per_core, one_thread), 1)
+    return res
+
+
+def memory(server: subprocess.Popen, files_bytes: int) -> dict:
+    """RSS / PSS / USS of the service's worker processes (children of uvicorn's supervisor)."""
+    top = psutil.Process(server.pid)
+    procs = top.children(recursive=True) or [top]
+    rows = []
+    for p in procs:
+        try:
+            m = p.memory_full_info()
+        except psutil.Error:
+            continue
+        rows.append({"pid": p.pid, "rss_mib": round(m.rss / 2**20, 1),
+                     "pss_mib": round(m.pss / 2**20, 1), "uss_mib": round(m.uss / 2**20, 1)})
+    return {"index_files_mib": round(files_bytes / 2**20, 1), "processes": rows}
 
 
 def main() -> None:
@@ -82,52 +126,37 @@ def main() -> None:
     p.add_argument("--n", type=int, default=100_000)
     p.add_argument("--d", type=int, default=256)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--serving-index", default="exact")
-    p.add_argument("--serving-nprobe", type=int)
-    p.add_argument("--knn", default="exact")
-    p.add_argument("--nprobe", type=int)
-    p.add_argument("--repeat", type=int, default=500)
-    p.add_argument("--seconds", type=float, default=5.0, help="per concurrency level")
+    p.add_argument("--knn", default="IVF1024,Flat", help="the graph (and online expansion) index")
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--serving-index", default="IVF1024,Flat")
+    p.add_argument("--serving-nprobe", type=int, default=16)
+    p.add_argument("--repeat", type=int, default=2000, help="raw single-query timings")
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement of throughput")
     p.add_argument("--concurrency", default="1,8,32,64")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1, help="AQE_WORKERS of the service")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
 
-    from index_builder import artifact
-    from service.searcher import Searcher
-
     with tempfile.TemporaryDirectory() as tmp:
-        data, root = Path(tmp) / "g.npy", Path(tmp) / "root"
-        generate(data, a.n + 1000, a.d, seed=7)
+        tmpdir = Path(tmp)
+        data, root = tmpdir / "g.npy", tmpdir / "root"
+        generate(data, a.n + 2000, a.d, seed=7)
         x = np.load(data, mmap_mode="r")
-        np.save(Path(tmp) / "gallery.npy", np.asarray(x[: a.n]))
+        np.save(tmpdir / "gallery.npy", np.asarray(x[: a.n]))
         queries = np.asarray(x[a.n :], dtype=np.float32)
         cmd = [sys.executable, "-m", "index_builder.cli", "build", "--gallery",
-               str(Path(tmp) / "gallery.npy"), "--root", str(root), "--no-progress",
-               "--serving-index", a.serving_index, "--knn", a.knn]
-        cmd += ["--serving-nprobe", str(a.serving_nprobe)] if a.serving_nprobe else []
-        cmd += ["--nprobe", str(a.nprobe)] if a.nprobe else []
+               str(tmpdir / "gallery.npy"), "--root", str(root), "--no-progress",
+               "--serving-index", a.serving_index, "--serving-nprobe", str(a.serving_nprobe),
+               "--knn", a.knn] + (["--nprobe", str(a.nprobe)] if a.knn != "exact" else [])
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        version = root / "versions" / (root / "current").read_text().strip()
+        files_bytes = sum(f.stat().st_size for f in version.iterdir())
 
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-        s = Searcher(artifact.load(root))
-        s.warm_up()
-        index = s.artifact.serving_index
-        from index_builder.aqe import normalize_rows
-
-        res: dict = {"n": a.n, "d": a.d, "k": a.k, "serving_index": a.serving_index}
-        res["raw_faiss_p50_ms"], res["raw_faiss_p99_ms"] = percentiles(
-            timed(lambda q: index.search(normalize_rows(q)[0], a.k), queries, a.repeat))
-        res["raw_aqe_p50_ms"], res["raw_aqe_p99_ms"] = percentiles(
-            timed(lambda q: s.search(q, a.k), queries, a.repeat))
-        t0, done = time.perf_counter(), 0
-        while time.perf_counter() - t0 < a.seconds:
-            s.search(queries[done % 960 : done % 960 + 32], a.k)
-            done += 32
-        res["raw_aqe_batch32_qps"] = done / (time.perf_counter() - t0)
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        res: dict = {"n": a.n, "d": a.d, "k": a.k, "knn": a.knn, "nprobe": a.nprobe,
+                     "serving_index": a.serving_index,
+                     "serving_nprobe": a.serving_nprobe, "workers": a.workers,
+                     "cpus": os.cpu_count(), "load_1min_start": round(os.getloadavg()[0], 2)}
+        res.update(raw_anchors(root, queries, a.k, a.repeat, a.seconds))
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -137,41 +166,49 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-m", "service.main"], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            qlist = queries.tolist()
-            with httpx.Client(base_url=url) as c:
-                lat = []
-                for i in range(a.repeat):
-                    t0 = time.perf_counter()
-                    r = c.post("/search", json={"embedding": qlist[i % len(qlist)], "k": a.k})
-                    lat.append(time.perf_counter() - t0)
-                    assert r.status_code == 200, r.text
-            res["http_p50_ms"], res["http_p99_ms"] = percentiles(lat)
-            res["concurrency"] = []
-            for cl in (int(c) for c in a.concurrency.split(",")):
-                qps, errors, p50, p99 = http_clients(url, qlist, cl, a.seconds, a.k)
-                res["concurrency"].append({"clients": cl, "qps": qps, "errors": errors,
-                                           "p50_ms": p50, "p99_ms": p99})
+            _wait_ready(url, a.workers)
+            one = run_in_subprocess(url, queries, a.k, 1, a.seconds, tmpdir)
+            res["http_p50_ms"], res["http_p99_ms"] = one["p50_ms"], one["p99_ms"]
+            floor = run_in_subprocess(url, queries, a.k, 1, a.seconds, tmpdir, path="/healthz")
+            res["http_floor_healthz_p50_ms"] = floor["p50_ms"]
+            res["concurrency"] = [run_in_subprocess(url, queries, a.k, int(c), a.seconds, tmpdir)
+                                  for c in a.concurrency.split(",")]
+            res["memory"] = memory(server, files_bytes)
         finally:
             server.terminate()
-            server.wait(timeout=15)
+            server.wait(timeout=30)
+        res["load_1min_end"] = round(os.getloadavg()[0], 2)
 
     print(json.dumps(res, indent=2))
-    print(f"\nraw FAISS p50 {res['raw_faiss_p50_ms']:.2f} ms | raw AQE+FAISS p50 "
-          f"{res['raw_aqe_p50_ms']:.2f} ms | HTTP p50 {res['http_p50_ms']:.2f} ms "
-          f"(+{res['http_p50_ms'] - res['raw_aqe_p50_ms']:.2f} ms over raw AQE)")
-    print(f"raw AQE batch-32: {res['raw_aqe_batch32_qps']:.0f} q/s")
+    raw = res["raw_aqe_p50_ms"]
+    print(f"\nraw FAISS p50 {res['raw_faiss_p50_ms']:.3f} ms | raw AQE+FAISS p50 {raw:.3f} ms | "
+          f"HTTP p50 {res['http_p50_ms']:.3f} ms (+{res['http_p50_ms'] - raw:.3f} ms over raw "
+          f"AQE+FAISS; HTTP floor GET /healthz {res['http_floor_healthz_p50_ms']:.3f} ms)")
+    print(f"raw AQE+FAISS batch-32: {res['raw_batch32_qps']:.0f} q/s")
     for c in res["concurrency"]:
         print(f"HTTP {c['clients']:>3} clients: {c['qps']:>7.0f} q/s "
-              f"({c['qps'] / res['raw_aqe_batch32_qps']:.2f} of raw batch-32), p50 "
-              f"{c['p50_ms']:.1f} ms, p99 {c['p99_ms']:.1f} ms, errors {c['errors']}")
+              f"({c['qps'] / res['raw_batch32_qps']:.2f} of raw batch-32), p50 "
+              f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+    for m in res["memory"]["processes"]:
+        print(f"worker {m['pid']}: RSS {m['rss_mib']} MiB, PSS {m['pss_mib']} MiB, USS "
+              f"{m['uss_mib']} MiB (version files {res['memory']['index_files_mib']} MiB)")
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
+
+
+def _wait_ready(url: str, workers: int) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                time.sleep(1.0 if workers > 1 else 0)  # the other workers load too
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the service did not become ready in 120 s")
 
 
 if __name__ == "__main__":
