@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.supervisors import Multiprocess
 
 from service.settings import Settings
 
@@ -16,6 +18,23 @@ def app_factory():
     from service.app import create_app
 
     return create_app(Settings())  # type: ignore[call-arg]
+
+
+class _Config(uvicorn.Config):
+    """uvicorn's config with TCP_NODELAY on the shared listening socket of worker processes.
+
+    With ``workers > 1`` uvicorn binds the socket itself with ``proto=0``, and asyncio only sets
+    TCP_NODELAY on connections whose socket says ``IPPROTO_TCP``: responses (headers and body
+    are two writes) then waited for the client's delayed ACK, 44 ms each (measured,
+    benchmarks/bench_service.py --workers 2). Linux hands the listener's TCP_NODELAY to every
+    accepted connection.
+    """
+
+    def bind_socket(self) -> socket.socket:
+        sock = super().bind_socket()
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
 
 
 def main() -> int:
@@ -29,10 +48,15 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run("service.main:app_factory", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level.lower(),
-                access_log=False)
-    return 0
+    config = _Config("service.main:app_factory", factory=True, host=settings.host,
+                     port=settings.port, workers=settings.workers,
+                     log_level=settings.log_level.lower(), access_log=False)
+    if config.workers > 1:
+        Multiprocess(config, sockets=[config.bind_socket()]).run()
+        return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3
 
 
 if __name__ == "__main__":
