@@ -110,26 +110,30 @@ class Searcher:
         return sims, np.where(local >= 0, rows[np.maximum(local, 0)], -1)
 
     def check_queries(self, queries: np.ndarray) -> np.ndarray:
-        """Validate a (q, d) batch: right dimension, finite, not all zero."""
+        """Validate a (q, d) batch: right dimension, finite, within +-1e30, not all zero.
+
+        One pass over the values (each row's largest magnitude: NaN if it holds a NaN) before
+        narrowing to float32, so values that would overflow float32 are caught.
+        """
         raw = np.asarray(queries)
-        finite = np.isfinite(raw)
-        huge = np.flatnonzero((finite & (np.abs(np.where(finite, raw, 0)) > MAX_ABS_VALUE))
-                              .any(axis=-1)) if raw.ndim == 2 else []
-        if len(huge):
-            raise QueryError(f"embeddings {huge[:10].tolist()} have values beyond +-{MAX_ABS_VALUE:g}"
-                             " (float32 norms would overflow)")
-        q = np.asarray(raw, dtype=np.float32)
-        if q.ndim != 2 or q.shape[0] == 0:
+        if raw.ndim != 2 or raw.shape[0] == 0:
             raise QueryError("send at least one query embedding")
-        if q.shape[1] != self.d:
-            raise QueryError(f"embedding dimension {q.shape[1]} does not match the index's {self.d}")
-        bad = np.flatnonzero(~np.isfinite(q).all(axis=1))
-        if len(bad):
-            raise QueryError(f"embeddings {bad[:10].tolist()} contain NaN or Inf")
-        zero = np.flatnonzero(~q.any(axis=1))
+        if raw.shape[1] != self.d:
+            raise QueryError(f"embedding dimension {raw.shape[1]} does not match the index's {self.d}")
+        if not np.issubdtype(raw.dtype, np.number) or np.issubdtype(raw.dtype, np.complexfloating):
+            raise QueryError(f"embeddings must be real numbers, got {raw.dtype}")
+        peak = np.abs(raw).max(axis=1)
+        if not (peak <= MAX_ABS_VALUE).all():
+            finite = np.isfinite(peak)
+            huge = np.flatnonzero(finite & (peak > MAX_ABS_VALUE))
+            if len(huge):
+                raise QueryError(f"embeddings {huge[:10].tolist()} have values beyond "
+                                 f"+-{MAX_ABS_VALUE:g} (float32 norms would overflow)")
+            raise QueryError(f"embeddings {np.flatnonzero(~finite)[:10].tolist()} contain NaN or Inf")
+        zero = np.flatnonzero(peak == 0)
         if len(zero):
             raise QueryError(f"embeddings {zero[:10].tolist()} are all zeros")
-        return q
+        return np.asarray(raw, dtype=np.float32)
 
     def external_id(self, row: int) -> str:
         """The external id of gallery row ``row`` (its row number when no ids were given)."""
