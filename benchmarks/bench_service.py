@@ -12,6 +12,10 @@ flat one would make every query scan the whole gallery), then measures:
     of the HTTP stack (``GET /healthz``), and throughput with 1 .. 64 concurrent clients;
   * memory of the worker processes: RSS, and PSS/USS (what each process holds alone), against
     the size of the version's files, to show the workers share one memory-mapped index.
+  * with ``--profile`` (needs ``pip install py-spy``): where the worker processes' time goes under
+    32 clients, sampled by py-spy: FAISS searches, the rest of each search (expansion arithmetic,
+    checks), the batcher's bookkeeping, and the HTTP stack on the event loop; and the CPU cores
+    the server and the client use.
 Client and server share this machine's cores, so the HTTP figures include the client's own cost.
 
     python benchmarks/bench_service.py                       # 100,000 x 256, one worker
@@ -121,6 +125,61 @@ def memory(server: subprocess.Popen, files_bytes: int) -> dict:
     return {"index_files_mib": round(files_bytes / 2**20, 1), "processes": rows}
 
 
+def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, seconds: float,
+            workdir: Path) -> dict:
+    """py-spy samples of the service's processes under 32 clients, grouped by where they are."""
+    import shutil
+
+    spy = shutil.which("py-spy")
+    if spy is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    top = psutil.Process(server.pid)
+    procs = [top, *top.children(recursive=True)]
+    cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
+    load = subprocess.Popen([sys.executable, str(HERE / "http_load.py"), url,
+                             str(workdir / "http_load_queries.npy"), "--k", str(k),
+                             "--clients", "32", "--seconds", str(seconds)],
+                            stdout=subprocess.PIPE, text=True)
+    client = psutil.Process(load.pid)
+    time.sleep(1.0)
+    t0 = time.perf_counter()
+    outs = []
+    spies = []
+    for p in procs:
+        out = workdir / f"spy-{p.pid}.txt"
+        outs.append(out)
+        spies.append(subprocess.Popen([spy, "record", "--pid", str(p.pid), "--duration",
+                                       str(max(1, int(seconds - 2))), "--rate", "250",
+                                       "--format", "raw", "--nonblocking", "--output", str(out)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    client_cpu0 = sum(client.cpu_times()[:2])
+    for sp in spies:
+        sp.wait()
+    wall = time.perf_counter() - t0
+    client_cpu = sum(client.cpu_times()[:2]) - client_cpu0
+    server_cpu = sum(sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs)
+    figures = json.loads(load.communicate()[0])
+    groups = {"faiss_search": 0, "rest_of_search": 0, "batcher": 0, "http_event_loop": 0}
+    for out in outs:
+        if not out.exists():
+            continue
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if "Batcher._run" in stack:
+                if ".search (faiss/" in stack or "replacement_search" in stack:
+                    groups["faiss_search"] += int(count)
+                elif "Searcher.search" in stack:
+                    groups["rest_of_search"] += int(count)
+                else:
+                    groups["batcher"] += int(count)
+            elif "_run_once" in stack or "Runner.run" in stack or "run_asgi" in stack:
+                groups["http_event_loop"] += int(count)
+    total = max(1, sum(groups.values()))
+    return {"qps_while_sampled": figures["qps"],
+            "server_cores": round(server_cpu / wall, 2), "client_cores": round(client_cpu / wall, 2),
+            "shares_of_server_samples": {g: round(c / total, 3) for g, c in groups.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000)
@@ -134,6 +193,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement of throughput")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--workers", type=int, default=1, help="AQE_WORKERS of the service")
+    p.add_argument("--profile", action="store_true", help="py-spy breakdown under 32 clients")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
 
@@ -174,6 +234,8 @@ def main() -> None:
             res["concurrency"] = [run_in_subprocess(url, queries, a.k, int(c), a.seconds, tmpdir)
                                   for c in a.concurrency.split(",")]
             res["memory"] = memory(server, files_bytes)
+            if a.profile:
+                res["profile"] = profile(server, url, queries, a.k, max(a.seconds, 8), tmpdir)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -192,6 +254,11 @@ def main() -> None:
     for m in res["memory"]["processes"]:
         print(f"worker {m['pid']}: RSS {m['rss_mib']} MiB, PSS {m['pss_mib']} MiB, USS "
               f"{m['uss_mib']} MiB (version files {res['memory']['index_files_mib']} MiB)")
+    if "profile" in res:
+        pr = res["profile"]
+        print(f"profile at 32 clients ({pr['qps_while_sampled']:.0f} q/s): server "
+              f"{pr['server_cores']} cores, client {pr['client_cores']} cores; server samples: "
+              + ", ".join(f"{g} {v:.0%}" for g, v in pr["shares_of_server_samples"].items()))
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
 

@@ -438,8 +438,10 @@ def _load_npy(path: Path, mode, shape: tuple[int, ...], dtype) -> np.ndarray:
 
 
 def _read_index(path: Path, n: int, d: int, mmap: bool = False):
-    # IO_FLAG_MMAP_IFC maps flat codes (IndexFlat, HNSW storage) from the file instead of copying
-    # them: worker processes then share one copy through the page cache.
+    # IO_FLAG_MMAP_IFC maps flat codes (IndexFlat, HNSW storage) and, with faiss-cpu 1.15, the
+    # inverted lists of IVF indexes from the file instead of copying them (measured: reading a
+    # 197 MiB IVF256,Flat grew RSS 4.6 MiB, against 189 MiB without): worker processes share one
+    # copy through the page cache.
     flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
         index = faiss.read_index(str(path), flags)

@@ -15,7 +15,6 @@ becomes Python lists.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
@@ -235,8 +234,8 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
             raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
         metrics.queries.observe(len(queries))
         # unfiltered queries are gathered with concurrent requests into one FAISS call
-        hits = await asyncio.wrap_future(app.state.batcher.submit(
-            searcher, queries, body.k, expand=body.expand_query, filters=body.filter))
+        hits = await app.state.batcher.submit_async(
+            searcher, queries, body.k, expand=body.expand_query, filters=body.filter)
         if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:
             return _render(searcher, hits, body.with_metadata)
         return await run_in_threadpool(_render, searcher, hits, body.with_metadata)

@@ -8,6 +8,9 @@ its rows. Nothing waits for a timer: an idle service answers a lone request at o
 that arrive while the workers are busy form the next batch. Filtered searches run on the same
 threads, each on its own.
 
+Event-loop callers (:meth:`Batcher.submit_async`) get an ``asyncio.Future``; a batch wakes each
+loop once for all of its answers (one ``call_soon_threadsafe``), not once per request.
+
 Every worker sets its own OpenMP thread count (``threads``, per thread in OpenMP) before its
 first search: FAISS calls from threads that never set it would each start a team as wide as the
 machine, and concurrent teams oversubscribe the cores.
@@ -15,11 +18,12 @@ machine, and concurrent teams oversubscribe the cores.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import faiss
@@ -37,7 +41,30 @@ class _Job:
     k: int
     expand: bool
     filters: dict[str, Any] | None = None
-    future: Future = field(default_factory=Future)
+    future: Future | None = None  # a thread's caller (search, submit)
+    loop: asyncio.AbstractEventLoop | None = None  # an event loop's caller (submit_async)
+    afuture: asyncio.Future | None = None
+
+    def start(self) -> bool:
+        """False if the caller has gone away (its future cancelled): then skip the job."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        assert self.afuture is not None
+        return not self.afuture.cancelled()  # read across threads: at worst a wasted search
+
+
+Outcome = tuple[list[list[Hit]] | None, BaseException | None]
+
+
+def _settle(items: list[tuple[asyncio.Future, Outcome]]) -> None:
+    """In the event loop: hand each waiting request its answer or its error."""
+    for fut, (result, error) in items:
+        if fut.cancelled():
+            continue
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
 
 
 class Batcher:
@@ -58,11 +85,21 @@ class Batcher:
         """Queue a search; the future resolves to ``searcher.search(queries, k, expand, filters)``.
 
         The queries are validated here, in the caller's thread, so a bad one fails alone and
-        never reaches a batch. ``asyncio.wrap_future`` awaits it from an event loop.
+        never reaches a batch.
         """
-        job = _Job(searcher, searcher.check_queries(queries), k, expand, filters or None)
-        self._queue.put(job)
-        return job.future
+        future: Future = Future()
+        self._queue.put(_Job(searcher, searcher.check_queries(queries), k, expand, filters or None,
+                             future=future))
+        return future
+
+    def submit_async(self, searcher: Searcher, queries: np.ndarray, k: int, expand: bool = True,
+                     filters: dict[str, Any] | None = None) -> asyncio.Future:
+        """Like :meth:`submit`, from a coroutine: await the returned future (cancel to give up)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Job(searcher, searcher.check_queries(queries), k, expand, filters or None,
+                             loop=loop, afuture=future))
+        return future
 
     def search(self, searcher: Searcher, queries: np.ndarray, k: int, expand: bool = True,
                filters: dict[str, Any] | None = None) -> list[list[Hit]]:
@@ -95,27 +132,43 @@ class Batcher:
                 rows += len(job.queries)
             groups: dict[tuple[int, bool] | int, list[_Job]] = {}
             # a request whose client went away has cancelled its future: drop it from the batch
-            for job in (j for j in jobs if j.future.set_running_or_notify_cancel()):
+            for job in (j for j in jobs if j.start()):
                 key = id(job) if job.filters else (id(job.searcher), job.expand)
                 groups.setdefault(key, []).append(job)
-            for group in groups.values():
-                self._answer(group)
+            outcomes = [pair for group in groups.values() for pair in self._answer(group)]
+            self._deliver(outcomes)
             if stop:
                 return
 
-    def _answer(self, group: list[_Job]) -> None:
+    def _answer(self, group: list[_Job]) -> list[tuple[_Job, Outcome]]:
         first = group[0]
         try:
             batch = np.concatenate([j.queries for j in group])
             hits = first.searcher.search(batch, max(j.k for j in group), first.expand,
                                          first.filters)
-        except Exception as exc:  # hand the failure to every waiting request
-            for j in group:
-                j.future.set_exception(exc)
-            return
+        except Exception as exc:  # the failure goes to every request of the group
+            return [(j, (None, exc)) for j in group]
         self.batches += 1
         self.rows += len(batch)
-        start = 0
+        out, start = [], 0
         for j in group:
-            j.future.set_result([row[: j.k] for row in hits[start : start + len(j.queries)]])
+            out.append((j, ([row[: j.k] for row in hits[start : start + len(j.queries)]], None)))
             start += len(j.queries)
+        return out
+
+    @staticmethod
+    def _deliver(outcomes: list[tuple[_Job, Outcome]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Outcome]]] = {}
+        for job, (result, error) in outcomes:
+            if job.future is not None:
+                if error is not None:
+                    job.future.set_exception(error)
+                else:
+                    job.future.set_result(result)
+            elif job.loop is not None and job.afuture is not None:
+                by_loop.setdefault(job.loop, []).append((job.afuture, (result, error)))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:  # the loop has closed (shutdown): nobody is waiting
+                logger.debug("dropped %d answers for a closed event loop", len(items))

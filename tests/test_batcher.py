@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,3 +124,33 @@ def test_filtered_searches_run_alone_on_the_workers(searcher, small_gallery):
     finally:
         batcher.close()
     assert got == searcher.search(x[:2], 4, filters={"camera": {"not_in": [0]}})
+
+
+def test_event_loop_callers_get_their_answers_and_may_give_up(searcher, small_gallery):
+    """submit_async: many coroutines at once, one of them cancelled while it waits."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=2, max_rows=8)
+    gate = threading.Event()
+
+    async def main():
+        held = batcher.submit_async(_Blocking(searcher, gate), x[:1], 2)
+        held2 = batcher.submit_async(_Blocking(searcher, gate), x[:1], 2)  # both workers busy
+        waiting = [asyncio.ensure_future(batcher.submit_async(searcher, x[i : i + 1], 3))
+                   for i in range(20)]
+        await asyncio.sleep(0.05)
+        waiting[5].cancel()
+        gate.set()
+        got = await asyncio.gather(*waiting, return_exceptions=True)
+        return await held, await held2, got
+
+    try:
+        held, held2, got = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.close()
+    assert len(held[0]) == len(held2[0]) == 2
+    assert isinstance(got[5], asyncio.CancelledError)
+    for i, hits in enumerate(got):
+        if i != 5:
+            want = searcher.search(x[i : i + 1], 3)
+            assert [h.row for h in hits[0]] == [h.row for h in want[0]]
