@@ -159,7 +159,9 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
     client_cpu = sum(client.cpu_times()[:2]) - client_cpu0
     server_cpu = sum(sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs)
     figures = json.loads(load.communicate()[0])
-    groups = {"faiss_search": 0, "rest_of_search": 0, "batcher": 0, "http_event_loop": 0}
+    # py-spy counts a thread blocked in SimpleQueue.get as running: "batcher_waiting" is idle
+    groups = {"faiss_search": 0, "rest_of_search": 0, "batcher": 0, "batcher_waiting": 0,
+              "http_event_loop": 0}
     for out in outs:
         if not out.exists():
             continue
@@ -170,6 +172,8 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
                     groups["faiss_search"] += int(count)
                 elif "Searcher.search" in stack:
                     groups["rest_of_search"] += int(count)
+                elif stack.rsplit(";", 1)[-1].startswith("Batcher._run "):
+                    groups["batcher_waiting"] += int(count)
                 else:
                     groups["batcher"] += int(count)
             elif "_run_once" in stack or "Runner.run" in stack or "run_asgi" in stack:
