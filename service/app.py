@@ -233,7 +233,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         if not 1 <= body.k <= settings.max_k:
             raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
         metrics.queries.observe(len(queries))
-        # unfiltered queries are gathered with concurrent requests into one FAISS call
+        # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones
         hits = await app.state.batcher.submit_async(
             searcher, queries, body.k, expand=body.expand_query, filters=body.filter)
         if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:

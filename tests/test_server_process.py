@@ -21,8 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def server(tmp_path, small_gallery):
+@pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
+def server(request, tmp_path, small_gallery):
     _, paths = small_gallery
     root = tmp_path / "root"
     assert builder(["build", "--gallery", str(paths["gallery"]), "--ids", str(paths["ids"]),
@@ -30,7 +30,8 @@ def server(tmp_path, small_gallery):
                     "--no-progress"]) == 0
     port = free_port()
     env = {**os.environ, "AQE_INDEX_ROOT": str(root), "AQE_PORT": str(port),
-           "AQE_RELOAD_INTERVAL_S": "0.2", "AQE_ADMIN_TOKEN": "secret"}
+           "AQE_RELOAD_INTERVAL_S": "0.2", "AQE_ADMIN_TOKEN": "secret",
+           "AQE_WORKERS": str(request.param)}
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=log,
                             stderr=subprocess.STDOUT)
@@ -40,6 +41,7 @@ def server(tmp_path, small_gallery):
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    time.sleep(0.5 * (request.param - 1))  # the other workers load too
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
@@ -86,3 +88,16 @@ def test_bad_configuration_stops_start_up(tmp_path):
                           text=True, timeout=30)
     assert proc.returncode == 2
     assert "AQE_MAX_K" in proc.stderr
+
+
+def test_the_shared_socket_of_worker_processes_sends_without_delay():
+    """With AQE_WORKERS > 1 accepted connections must have TCP_NODELAY (else 40 ms per reply)."""
+    from service.main import _Config
+
+    listener = _Config("service.main:app_factory", factory=True, host="127.0.0.1", port=0,
+                       workers=2).bind_socket()
+    listener.listen()  # the event loop does this in each worker
+    with listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
