@@ -80,6 +80,8 @@ class LevelEntry(BaseModel):
     index_type: str = "exact"
     nprobe: int | None = None
     ef_search: int | None = None
+    recall_at_k: float | None = None  # of ``index`` at ``nprobe`` against exact, on a sample
+    recall_k: int | None = None
 
 
 class ServingIndexEntry(BaseModel):
@@ -172,10 +174,13 @@ class Staging:
 
     def save_level(self, level: int, rows: np.ndarray, norms: np.ndarray, index=None,
                    index_type: str = "exact", nprobe: int | None = None,
-                   ef_search: int | None = None) -> None:
+                   ef_search: int | None = None, recall_at_k: float | None = None,
+                   recall_k: int | None = None) -> None:
         """Store level ``level``'s normalised rows (n, d) float32, norms (n,), optional index."""
         entry = LevelEntry(level=level, rows=f"level_{level}.npy", norms=f"level_{level}_norms.npy",
-                           index_type=index_type, nprobe=nprobe, ef_search=ef_search)
+                           index_type=index_type, nprobe=nprobe, ef_search=ef_search,
+                           recall_at_k=recall_at_k if index is not None else None,
+                           recall_k=recall_k if index is not None else None)
         np.save(self.path / entry.rows, np.ascontiguousarray(rows, dtype=np.float32))
         np.save(self.path / entry.norms, np.ascontiguousarray(norms, dtype=np.float32))
         if index is not None:

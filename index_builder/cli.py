@@ -19,7 +19,7 @@ import faiss
 import numpy as np
 
 from index_builder import artifact, nightly
-from index_builder.build import BuildConfig, QualitySpec, ServingSpec, build
+from index_builder.build import EXPANSION_INDEXES, BuildConfig, QualitySpec, ServingSpec, build
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import InputError, open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnConfigError, KnnSpec
@@ -80,6 +80,10 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
                    help="--serving-index auto: the served index's size limit (default 4)")
     p.add_argument("--serving-recall-target", type=float, default=0.95,
                    help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)")
+    p.add_argument("--expansion-index", choices=EXPANSION_INDEXES, default="auto",
+                   help="what online expansion searches after an exact graph: 'auto' (default: "
+                   "exact when small, else the index --serving-index auto would build, nprobe "
+                   "tuned for the top qe_k - 1) or 'exact' (scan every row per query)")
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
     _add_quality_options(p)
@@ -229,7 +233,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
                             recall_target=args.serving_recall_target),
         block_size=args.block_size, keep=args.keep, threads=args.threads,
         show_progress=False if args.no_progress else None,
-        quality=_quality_spec(args),
+        quality=_quality_spec(args), expansion_index=args.expansion_index,
     )
 
 
