@@ -33,7 +33,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_build import exact_extrapolation  # noqa: E402
+from bench_build import exact_extrapolation, symmetric_extrapolation  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 from index_builder import knn  # noqa: E402
@@ -130,12 +130,10 @@ def main() -> None:
         result["settings"].append(row)
         del trained
     t_exact = exact_extrapolation(data, a.exact_sample) if a.exact_sample else None
-    m = min(n, a.sym_rows)
-    t_sym, _ = timed(lambda: knn.symmetric_self_knn(np.ascontiguousarray(u[:m]), k))
     result.update(
         exact_faiss_extrapolated_s=round(t_exact, 1) if t_exact else None,
-        exact_symmetric_extrapolated_s=round(t_sym * (n / m) ** 2, 1),
-        exact_symmetric_rows_timed=m,
+        exact_symmetric_extrapolated_s=round(symmetric_extrapolation(data, a.sym_rows, k), 1),
+        exact_symmetric_rows_timed=min(n, a.sym_rows),
         ground_truth_s=round(t_truth, 1),
         load_1min_end=round(os.getloadavg()[0], 2),
     )

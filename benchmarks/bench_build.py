@@ -40,7 +40,7 @@ def exact_extrapolation(data: Path, sample: int) -> float:
     return (time.perf_counter() - t0) * len(u) / sample
 
 
-def symmetric_extrapolation(data: Path, rows: int) -> float:
+def symmetric_extrapolation(data: Path, rows: int, k: int = 10) -> float:
     """Seconds the builder's exact kernel would take over all rows, from its time on ``rows``."""
     from index_builder.aqe import normalize_rows
     from index_builder.knn import symmetric_self_knn
@@ -49,7 +49,7 @@ def symmetric_extrapolation(data: Path, rows: int) -> float:
     m = min(rows, len(x))
     u, _ = normalize_rows(np.asarray(x[:m]))
     t0 = time.perf_counter()
-    symmetric_self_knn(u, 10)
+    symmetric_self_knn(u, k)
     return (time.perf_counter() - t0) * (len(x) / m) ** 2
 
 

@@ -50,9 +50,9 @@ AUTO = "auto"
 AUTO_EXACT_MAX_N = 200_000
 """``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget."""
 AUTO_NPROBE_LADDER = (16, 32, 64, 128, 256, 512)
+"""nprobe values ``auto`` tries, smallest first, until recall@k reaches the target."""
 EXPANSION_INDEXES = ("auto", "exact")
 """``expansion_index`` values: what online expansion searches in a level after an exact graph."""
-"""nprobe values ``auto`` tries, smallest first, until recall@k reaches the target."""
 
 
 @dataclass(frozen=True)
@@ -159,17 +159,18 @@ def build(config: BuildConfig) -> artifact.Manifest:
     with artifact.staging(config.root) as stage:
 
         def save_level(level: int, rows: np.ndarray, norms: np.ndarray, knn: KnnResult) -> None:
+            index, entry = None, None
             if knn.index is None and config.expansion_index == AUTO:
                 index, entry = expansion_index(rows, config, level)
-                if index is not None:
-                    stage.save_level(level, rows, norms, index=index, index_type=entry.spec,
-                                     nprobe=entry.nprobe, recall_at_k=entry.recall_at_k,
-                                     recall_k=entry.recall_k)
-                    return
-            stage.save_level(level, rows, norms, index=knn.index,
-                             index_type="exact" if knn.index is None else config.knn.method,
-                             nprobe=config.knn.nprobe, ef_search=config.knn.ef_search,
-                             recall_at_k=knn.recall, recall_k=config.params.qe_k)
+            if entry is not None:  # an index of its own for online expansion
+                stage.save_level(level, rows, norms, index=index, index_type=entry.spec,
+                                 nprobe=entry.nprobe, recall_at_k=entry.recall_at_k,
+                                 recall_k=entry.recall_k)
+            else:  # the graph's index, if any
+                stage.save_level(level, rows, norms, index=knn.index,
+                                 index_type="exact" if knn.index is None else config.knn.method,
+                                 nprobe=config.knn.nprobe, ef_search=config.knn.ef_search,
+                                 recall_at_k=knn.recall, recall_k=config.params.qe_k)
 
         t1 = time.perf_counter()
         expanded, report = expand_source(

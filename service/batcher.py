@@ -144,8 +144,9 @@ class Batcher:
         first = group[0]
         try:
             batch = np.concatenate([j.queries for j in group])
-            hits = first.searcher.search(batch, max(j.k for j in group), first.expand,
-                                         first.filters)
+            # each job's queries were checked when it was submitted
+            hits = first.searcher.search_checked(batch, max(j.k for j in group), first.expand,
+                                                 first.filters)
         except Exception as exc:  # the failure goes to every request of the group
             return [(j, (None, exc)) for j in group]
         self.batches += 1

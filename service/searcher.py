@@ -66,7 +66,11 @@ class Searcher:
     def search(self, queries: np.ndarray, k: int, expand: bool = True,
                filters: dict[str, Any] | None = None) -> list[list[Hit]]:
         """Top-``k`` gallery rows for each raw query (q, d); best first, never padding."""
-        q = self.check_queries(queries)
+        return self.search_checked(self.check_queries(queries), k, expand, filters)
+
+    def search_checked(self, q: np.ndarray, k: int, expand: bool = True,
+                       filters: dict[str, Any] | None = None) -> list[list[Hit]]:
+        """:meth:`search` of queries that :meth:`check_queries` has already passed."""
         if k < 1:
             raise QueryError(f"k must be >= 1, got {k}")
         xq = self.expand(q) if expand else q

@@ -92,9 +92,9 @@ class _Blocking:
     def check_queries(self, queries):
         return self.searcher.check_queries(queries)
 
-    def search(self, queries, k, expand=True, filters=None):
+    def search_checked(self, queries, k, expand=True, filters=None):
         assert self.gate.wait(10)
-        return self.searcher.search(queries, k, expand, filters)
+        return self.searcher.search_checked(queries, k, expand, filters)
 
 
 def test_searches_run_with_the_configured_openmp_threads(searcher, small_gallery):
@@ -103,9 +103,9 @@ def test_searches_run_with_the_configured_openmp_threads(searcher, small_gallery
     seen: list[int] = []
 
     class Recording(_Blocking):
-        def search(self, queries, k, expand=True, filters=None):
+        def search_checked(self, queries, k, expand=True, filters=None):
             seen.append(faiss.omp_get_max_threads())
-            return self.searcher.search(queries, k, expand, filters)
+            return self.searcher.search_checked(queries, k, expand, filters)
 
     batcher = Batcher(workers=2, threads=3)
     try:
