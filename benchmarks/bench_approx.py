@@ -36,9 +36,10 @@ sys.path.insert(0, str(HERE.parent))
 from bench_build import exact_extrapolation, symmetric_extrapolation  # noqa: E402
 from synthetic import generate  # noqa: E402
 
+from aqe_retrieval.aqe import normalize_rows  # noqa: E402
+from aqe_retrieval.faiss_search import exact_knn  # noqa: E402
 from index_builder import knn  # noqa: E402
-from index_builder.aqe import normalize_rows  # noqa: E402
-from index_builder.knn import KnnSpec, build_index, exact_knn, sample_rows, set_recall  # noqa: E402
+from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall  # noqa: E402
 
 
 def timed(fn):

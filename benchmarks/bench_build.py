@@ -30,8 +30,8 @@ from synthetic import generate  # noqa: E402
 
 def exact_extrapolation(data: Path, sample: int) -> float:
     """Seconds exact kNN over all rows would take, from timing ``sample`` rows against all."""
-    from index_builder.aqe import normalize_rows
-    from index_builder.knn import exact_knn
+    from aqe_retrieval.aqe import normalize_rows
+    from aqe_retrieval.faiss_search import exact_knn
 
     x = np.load(data, mmap_mode="r")
     u, _ = normalize_rows(x)
@@ -42,7 +42,7 @@ def exact_extrapolation(data: Path, sample: int) -> float:
 
 def symmetric_extrapolation(data: Path, rows: int, k: int = 10) -> float:
     """Seconds the builder's exact kernel would take over all rows, from its time on ``rows``."""
-    from index_builder.aqe import normalize_rows
+    from aqe_retrieval.aqe import normalize_rows
     from index_builder.knn import symmetric_self_knn
 
     x = np.load(data, mmap_mode="r")

@@ -85,9 +85,9 @@ def batch_qps(searcher, queries: np.ndarray, k: int, seconds: float, threads: in
 def raw_anchors(root: Path, queries: np.ndarray, k: int, repeat: int, seconds: float) -> dict:
     import faiss
 
-    from index_builder import artifact
-    from index_builder.aqe import normalize_rows
-    from service.searcher import Searcher
+    from aqe_retrieval import artifact
+    from aqe_retrieval.aqe import normalize_rows
+    from aqe_retrieval.searcher import Searcher
 
     s = Searcher(artifact.load(root))
     s.warm_up()

@@ -15,29 +15,23 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index_builder import aqe, artifact
-from index_builder.expansion import (
-    DEFAULT_BLOCK_SIZE,
-    AqeParams,
-    expand_online,
-    expand_source,
-    gallery_level,
-)
-from index_builder.inputs import InputError, fingerprint, open_embeddings, read_ids, read_metadata
+from aqe_retrieval import aqe, artifact
+from aqe_retrieval.errors import InputError, QualityGateError
+from aqe_retrieval.faiss_search import exact_knn, search_parameters
+from aqe_retrieval.online import expand_online, gallery_level
+from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
+from index_builder.inputs import fingerprint, open_embeddings, read_ids, read_metadata
 from index_builder.knn import (
     KnnResult,
     KnnSpec,
     build_index,
-    exact_knn,
     sample_rows,
-    search_parameters,
     set_recall,
 )
 from index_builder.progress import progress
 from index_builder.quality import (
     GateSpec,
     Labels,
-    QualityGateError,
     cosine_metrics,
     gate_check,
     labels_from_columns,

@@ -18,12 +18,14 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from index_builder import artifact, nightly
+from aqe_retrieval import artifact
+from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
+from index_builder import nightly
 from index_builder.build import EXPANSION_INDEXES, BuildConfig, QualitySpec, ServingSpec, build
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
-from index_builder.inputs import InputError, open_embeddings, read_metadata
-from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnConfigError, KnnSpec
-from index_builder.quality import GateSpec, QualityGateError
+from index_builder.inputs import open_embeddings, read_metadata
+from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
+from index_builder.quality import GateSpec
 
 logger = logging.getLogger("index_builder")
 
@@ -291,7 +293,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             m = artifact.read_manifest(args.root, v)
             print(f"{mark}{v:<34}{m.created_at:%Y-%m-%d %H:%M:%S}  {m.n:>10}{m.d:>6}  "
                   f"{m.serving_index.index_type}")
-        except artifact.ArtifactError as exc:
+        except ArtifactError as exc:
             print(f"{mark}{v:<34}UNREADABLE: {exc}")
     return 0
 
@@ -327,15 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         faiss.omp_set_num_threads(args.threads)
     try:
         return COMMANDS[args.command](args)
-    except QualityGateError as exc:
-        logger.error("%s; nothing published", exc)
-        return 4
-    except (InputError, KnnConfigError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    except (artifact.ArtifactError, OSError) as exc:
-        logger.error("%s; nothing published", exc)
-        return 1
+    except (AqeError, ValueError, OSError) as exc:
+        code = exit_code(exc)
+        logger.error("%s" if code == EXIT_BAD_INPUT else "%s; nothing published", exc)
+        return code
 
 
 if __name__ == "__main__":

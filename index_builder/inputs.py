@@ -16,14 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
+from aqe_retrieval.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 ACCEPTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 MAX_ROWS_NAMED = 10
-
-
-class InputError(ValueError):
-    """The builder's input is unusable (bad file, dtype, shape, values, ids or metadata)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,9 @@ import numpy as np
 from faiss import swig_ptr
 from threadpoolctl import threadpool_limits
 
+from aqe_retrieval.errors import KnnConfigError
+from aqe_retrieval.faiss_search import exact_knn, search_parameters
+
 logger = logging.getLogger(__name__)
 
 EXACT = "exact"
@@ -51,10 +54,6 @@ SYMMETRIC_TILE = 2048
 N = 40,000, d = 512 (bench_knn.py --tiles, best of 2): 4.73 s (1024), 4.52 s (1536), 4.76 s (2048),
 5.02 s (4096): flat from 1024 to 2048; 2048 reached 0.875 of the GEMM peak at N = 100,000."""
 Progress = Callable[[int], None]
-
-
-class KnnConfigError(ValueError):
-    """A kNN setting FAISS cannot use (bad factory string, too few rows to train, ...)."""
 
 
 @dataclass(frozen=True)
@@ -97,17 +96,6 @@ class KnnResult:
     index: Any = None
 
 
-def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: ``xq`` (m, d), ``xb`` (n, d) float32 -> (sims, ids) (m, k)."""
-    sims, ids = faiss.knn(
-        np.ascontiguousarray(xq, dtype=np.float32),
-        np.ascontiguousarray(xb, dtype=np.float32),
-        k,
-        metric=faiss.METRIC_INNER_PRODUCT,
-    )
-    return sims, ids
-
-
 def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None,
                 add: bool = True):
     """A trained FAISS inner-product index over ``u`` (n, d) float32, built from ``spec.method``.
@@ -130,15 +118,6 @@ def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progres
         if progress:
             progress(min(block_size, n - lo))
     return index
-
-
-def search_parameters(index, nprobe: int | None, ef_search: int | None):
-    """Per-call FAISS search parameters for ``index`` (never mutates the shared index)."""
-    if faiss.try_extract_index_ivf(index) is not None:
-        return faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
-    if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=ef_search) if ef_search else None
-    return None
 
 
 def self_knn(

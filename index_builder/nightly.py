@@ -6,7 +6,7 @@ with :data:`EXIT_LOCKED` and touches nothing), builds and publishes a version (p
 atomic and prunes old versions), and writes a status record atomically at
 :func:`artifact.status_path`. A failed run publishes nothing, so the previous version stays
 current; the record says why and counts consecutive failures. The search service reads the
-record with :func:`read_status` and :func:`staleness_seconds`.
+record with :func:`aqe_retrieval.artifact.read_status`.
 
 Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds the lock,
 4 the quality gate refused the build.
@@ -26,54 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
-
-from index_builder import artifact
+from aqe_retrieval import artifact
+from aqe_retrieval.errors import EXIT_LOCKED, EXIT_OK, LockedError, Terminated, exit_code
+from aqe_retrieval.status import Failure, NightlyStatus, Success
 from index_builder.build import BuildConfig, build
-from index_builder.inputs import InputError
-from index_builder.knn import KnnConfigError
-from index_builder.quality import QualityGateError
 
 logger = logging.getLogger(__name__)
 
-STATUS_FORMAT_VERSION = 1
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_LOCKED, EXIT_REFUSED = 0, 1, 2, 3, 4
-
-
-class LockedError(RuntimeError):
-    """Another run holds the build lock of this index root."""
-
-
-class Terminated(SystemExit):
-    """The job was stopped by SIGTERM (docker stop, a scheduler's deadline); exit status 143."""
-
-    def __str__(self) -> str:
-        return "stopped by SIGTERM"
-
-
-class Success(BaseModel):
-    time: datetime
-    version: str
-
-
-class Failure(BaseModel):
-    time: datetime
-    error: str
-
-
-class NightlyStatus(BaseModel):
-    """The record at ``artifact.status_path(root)``; a run in progress has started > finished."""
-
-    format_version: int = STATUS_FORMAT_VERSION
-    host: str
-    pid: int
-    last_run_started: datetime
-    last_run_finished: datetime | None = None
-    last_run_ok: bool | None = None
-    duration_s: float | None = None
-    last_success: Success | None = None
-    last_failure: Failure | None = None
-    consecutive_failures: int = 0
 
 
 def _utcnow() -> datetime:
@@ -118,23 +77,18 @@ def run_nightly(config: BuildConfig, *, build_fn: Callable[[BuildConfig], Any] =
 def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
                 clock: Callable[[], datetime]) -> tuple[int, NightlyStatus]:
     root = config.root
-    previous = _load(root)
+    previous = artifact.load_status(root)
     status = NightlyStatus(host=socket.gethostname(), pid=os.getpid(), last_run_started=clock())
     if previous is not None:  # carry the history over
         status = previous.model_copy(update=status.model_dump(
             include={"format_version", "host", "pid", "last_run_started"}))
-    _write(root, status)  # visible as "running": started after the last finish
+    artifact.write_status(root, status)  # visible as "running": started after the last finish
     logger.info("nightly build of %s into %s started", config.gallery, root)
     t0 = time.perf_counter()
     try:
         manifest = build_fn(config)
     except BaseException as exc:
-        if isinstance(exc, QualityGateError):
-            code = EXIT_REFUSED
-        elif isinstance(exc, (InputError, KnnConfigError, ValueError)):
-            code = EXIT_BAD_INPUT
-        else:
-            code = EXIT_FAILED
+        code = exit_code(exc)
         status.last_failure = Failure(time=clock(), error=f"{type(exc).__name__}: {exc}")
         status.consecutive_failures += 1
         _finish(root, status, ok=False, started=t0, clock=clock)
@@ -156,44 +110,7 @@ def _finish(root: Path, status: NightlyStatus, *, ok: bool, started: float,
     status.last_run_finished = clock()
     status.last_run_ok = ok
     status.duration_s = round(time.perf_counter() - started, 3)
-    _write(root, status)
-
-
-def _write(root: Path, status: NightlyStatus) -> None:
-    path = artifact.status_path(root)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        f.write(status.model_dump_json(indent=2).encode())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _load(root: Path) -> NightlyStatus | None:
-    try:
-        return NightlyStatus.model_validate_json(artifact.status_path(root).read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValidationError) as exc:
-        logger.warning("%s: unreadable nightly status, ignored (%s)",
-                       artifact.status_path(root), exc)
-        return None
-
-
-def read_status(root: Path) -> dict[str, Any] | None:
-    """The last nightly status record under ``root`` as JSON-ready data; None if none is valid."""
-    status = _load(Path(root))
-    return None if status is None else status.model_dump(mode="json")
-
-
-def staleness_seconds(status: dict[str, Any] | None, now: datetime | float) -> float | None:
-    """Seconds from the last successful run to ``now`` (datetime or epoch seconds); None if none."""
-    if not status or not status.get("last_success"):
-        return None
-    if not isinstance(now, datetime):
-        now = datetime.fromtimestamp(now, UTC)
-    last = datetime.fromisoformat(str(status["last_success"]["time"]).replace("Z", "+00:00"))
-    return max(0.0, (now - last).total_seconds())
+    artifact.write_status(root, status)
 
 
 def run_until_sigterm(config: BuildConfig) -> tuple[int, NightlyStatus | None]:

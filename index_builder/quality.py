@@ -21,25 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from index_builder import aqe
+from aqe_retrieval import aqe
+from aqe_retrieval.online import GalleryLevel, expand_online, gallery_level
 from index_builder.evaluation import ReidMetrics, rank_metrics
-from index_builder.expansion import (
-    AqeParams,
-    GalleryLevel,
-    expand_online,
-    expand_source,
-    gallery_level,
-)
+from index_builder.expansion import AqeParams, expand_source
 from index_builder.inputs import as_source
 from index_builder.knn import KnnResult, KnnSpec
 
 logger = logging.getLogger(__name__)
 
 SIM_BLOCK_ELEMENTS = 1 << 24  # 64 MiB of float32 similarities per query block
-
-
-class QualityGateError(Exception):
-    """The build measured a quality below the user's threshold: nothing is published."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, ServingSpec, build
 from index_builder.evaluation import topk_metrics
 from index_builder.expansion import AqeParams
@@ -60,7 +60,7 @@ def split_rows(columns: dict[str, np.ndarray], n: int, where: str | None, rows_f
 def served_metrics(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, params: AqeParams,
                    knn: KnnSpec, serving: ServingSpec, k: int) -> dict[str, Any]:
     """mAP@k through a real built index and the service's searcher."""
-    from service.searcher import Searcher  # the very code the service runs
+    from aqe_retrieval.searcher import Searcher  # the very code the service runs
 
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "gallery.npy", xg)

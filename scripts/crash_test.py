@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -52,7 +52,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
 

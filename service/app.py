@@ -33,13 +33,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 from threadpoolctl import threadpool_limits
 
-from index_builder import nightly
+from aqe_retrieval import artifact
+from aqe_retrieval.errors import FilterError, QueryError
+from aqe_retrieval.searcher import Hit, Searcher
+from aqe_retrieval.status import staleness_seconds
 from service.batcher import Batcher
-from service.filters import FilterError
 from service.index_manager import IndexManager, ReloadOutcome
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, SearchRequest, SearchResponse
-from service.searcher import Hit, QueryError, Searcher
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -319,11 +320,11 @@ def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
 
 
 def _nightly(settings: Settings) -> dict[str, Any] | None:
-    status = nightly.read_status(settings.index_root)
-    if status is None:
+    record = artifact.read_status(settings.index_root)
+    if record is None:
         return None
-    age = nightly.staleness_seconds(status, time.time())
-    return {**status, "staleness_s": age,
+    age = staleness_seconds(record, time.time())
+    return {**record, "staleness_s": age,
             "stale": age is None or age > settings.stale_after_s}
 
 

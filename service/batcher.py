@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from service.searcher import Hit, Searcher
+from aqe_retrieval.searcher import Hit, Searcher
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from index_builder import artifact
-from service.searcher import Searcher
+from aqe_retrieval import artifact
+from aqe_retrieval.searcher import Searcher
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
 

@@ -10,9 +10,10 @@ import faiss
 import numpy as np
 import pytest
 
-from index_builder import artifact
+from aqe_retrieval import artifact
+from aqe_retrieval.errors import QueryError
+from aqe_retrieval.searcher import Searcher
 from service.batcher import Batcher
-from service.searcher import QueryError, Searcher
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 from conftest import clustered_data, write_gallery
 from reference import reference_aqe
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.cli import main
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from conftest import clustered_data, write_gallery
 
-from index_builder import artifact
+from aqe_retrieval import artifact
+from aqe_retrieval.searcher import Searcher
 from index_builder import build as build_module
 from index_builder.build import BuildConfig, build
 from index_builder.cli import main as cli
 from index_builder.expansion import AqeParams
-from service.searcher import Searcher
 
 N, D = 5000, 32
 

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from fastapi.testclient import TestClient
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
 from service.app import create_app

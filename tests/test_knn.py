@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from conftest import clustered_data, random_data
 
-from index_builder.aqe import normalize_rows
-from index_builder.knn import KnnConfigError, KnnSpec, self_knn, set_recall
+from aqe_retrieval.aqe import normalize_rows
+from aqe_retrieval.errors import KnnConfigError
+from index_builder.knn import KnnSpec, self_knn, set_recall
 
 
 def brute_force(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

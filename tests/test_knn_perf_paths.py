@@ -10,13 +10,14 @@ from conftest import clustered_data, random_data
 from parity import assert_parity
 from reference import reference_aqe
 
+from aqe_retrieval.aqe import normalize_rows
+from aqe_retrieval.errors import KnnConfigError
 from index_builder import build as build_mod
 from index_builder import knn
-from index_builder.aqe import normalize_rows
 from index_builder.build import ServingSpec, build_serving_index, choose_serving_method
 from index_builder.expansion import AqeParams, expand_source
 from index_builder.inputs import as_source
-from index_builder.knn import KnnConfigError, KnnSpec, self_knn, set_recall
+from index_builder.knn import KnnSpec, self_knn, set_recall
 
 TIE = 1e-5
 
@@ -243,7 +244,7 @@ def test_auto_builds_records_and_measures_the_chosen_index(monkeypatch):
 
 
 def test_cli_serving_index_auto_and_fast_knn_flags(tmp_path, small_gallery):
-    from index_builder import artifact
+    from aqe_retrieval import artifact
     from index_builder.cli import main
 
     _, paths = small_gallery

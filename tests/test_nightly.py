@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import artifact, cli, nightly
+from aqe_retrieval import artifact, errors
+from aqe_retrieval.status import staleness_seconds
+from index_builder import cli, nightly
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
 
@@ -40,7 +42,7 @@ def _tree(root: Path) -> dict[str, float]:
 def test_success_records_status_and_publishes(gallery: Path, tmp_path: Path) -> None:
     root = tmp_path / "index"
     assert _run(gallery, root) == 0
-    status = nightly.read_status(root)
+    status = artifact.read_status(root)
     assert status is not None
     current = artifact.current_version(root)
     assert current is not None
@@ -68,7 +70,7 @@ def test_failure_keeps_previous_version_and_records_why(gallery: Path, tmp_path:
     assert artifact.current_version(root) == good
     assert artifact.version_ids(root) == [good]
     assert artifact.verify(root) == []
-    status = nightly.read_status(root)
+    status = artifact.read_status(root)
     assert status is not None
     assert status["last_run_ok"] is False
     assert status["consecutive_failures"] == 2
@@ -77,7 +79,7 @@ def test_failure_keeps_previous_version_and_records_why(gallery: Path, tmp_path:
     assert not list(root.glob(f"{artifact.STAGING_PREFIX}*"))
     # The next success resets the count.
     assert _run(gallery, root) == 0
-    status = nightly.read_status(root)
+    status = artifact.read_status(root)
     assert status is not None
     assert status["consecutive_failures"] == 0
     assert status["last_failure"] is not None  # history kept
@@ -117,11 +119,11 @@ def test_second_run_is_refused_while_the_first_holds_the_lock(gallery: Path,
     try:
         assert started.wait(30)
         before = _tree(root)
-        status_before = nightly.read_status(root)
+        status_before = artifact.read_status(root)
         code, status = nightly.run_nightly(config)
-        assert (code, status) == (nightly.EXIT_LOCKED, None)
+        assert (code, status) == (errors.EXIT_LOCKED, None)
         assert _tree(root) == before  # the refused run touched nothing
-        assert nightly.read_status(root) == status_before
+        assert artifact.read_status(root) == status_before
         # The record of the run in progress: started after its last finish (here: never).
         assert status_before is not None
         assert status_before["last_run_finished"] is None
@@ -143,10 +145,10 @@ def test_lock_is_refused_across_processes(gallery: Path, tmp_path: Path) -> None
     with nightly.exclusive_lock(root):
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               timeout=120)
-    assert proc.returncode == nightly.EXIT_LOCKED, proc.stderr
+    assert proc.returncode == errors.EXIT_LOCKED, proc.stderr
     assert "another build holds" in proc.stderr
     assert artifact.current_version(root) is None
-    assert nightly.read_status(root) is None
+    assert artifact.read_status(root) is None
 
 
 def test_sigterm_is_recorded_as_a_failure(gallery: Path, tmp_path: Path) -> None:
@@ -163,14 +165,14 @@ def test_sigterm_is_recorded_as_a_failure(gallery: Path, tmp_path: Path) -> None
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while nightly.read_status(root) is None and time.monotonic() < deadline:
+        while artifact.read_status(root) is None and time.monotonic() < deadline:
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 143, stderr
-    status = nightly.read_status(root)
+    status = artifact.read_status(root)
     assert status is not None
     assert status["last_run_ok"] is False
     assert status["last_failure"]["error"] == "Terminated: stopped by SIGTERM"
@@ -188,18 +190,18 @@ def test_old_versions_are_pruned(gallery: Path, tmp_path: Path) -> None:
 
 
 def test_read_status_tolerates_missing_and_corrupt(tmp_path: Path) -> None:
-    assert nightly.read_status(tmp_path) is None
+    assert artifact.read_status(tmp_path) is None
     artifact.status_path(tmp_path).write_text("{not json")
-    assert nightly.read_status(tmp_path) is None
+    assert artifact.read_status(tmp_path) is None
 
 
 def test_staleness_seconds() -> None:
     t = datetime(2025, 1, 2, 3, 0, tzinfo=UTC)
-    status = {"last_success": {"time": t.isoformat(), "version": "v"}}
-    assert nightly.staleness_seconds(status, t + timedelta(hours=1)) == 3600.0
-    assert nightly.staleness_seconds(status, (t + timedelta(seconds=5)).timestamp()) == 5.0
-    assert nightly.staleness_seconds({"last_success": None}, t) is None
-    assert nightly.staleness_seconds(None, t) is None
+    record = {"last_success": {"time": t.isoformat(), "version": "v"}}
+    assert staleness_seconds(record, t + timedelta(hours=1)) == 3600.0
+    assert staleness_seconds(record, (t + timedelta(seconds=5)).timestamp()) == 5.0
+    assert staleness_seconds({"last_success": None}, t) is None
+    assert staleness_seconds(None, t) is None
 
 
 def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:
@@ -210,7 +212,7 @@ def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:
     assert code == 0
     assert status is not None
     assert status.last_run_started == status.last_run_finished == t
-    assert nightly.staleness_seconds(nightly.read_status(tmp_path), t + timedelta(days=1)) == 86400
+    assert staleness_seconds(artifact.read_status(tmp_path), t + timedelta(days=1)) == 86400
 
 
 def test_index_builder_nightly_command(gallery: Path, tmp_path: Path,

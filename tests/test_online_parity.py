@@ -7,10 +7,10 @@ import pytest
 from conftest import clustered_data, random_data
 from reference import normalize, reference_aqe
 
-from index_builder import artifact
+from aqe_retrieval import artifact
+from aqe_retrieval.searcher import Searcher
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
-from service.searcher import Searcher
 
 
 def _searcher(tmp_path, g, qe_k, alpha, qe_times) -> Searcher:

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.cli import main
 from index_builder.evaluation import rank_metrics
 from index_builder.quality import Labels, combine, cosine_metrics

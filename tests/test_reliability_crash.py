@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.cli import main as builder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def _no_space(*args, **kwargs):
 FULL_DISK_AT = {
     "level arrays": ("numpy.save", _no_space),
     "serving index": ("faiss.write_index", _no_space),
-    "manifest": ("index_builder.artifact._write_atomic", _no_space),
+    "manifest": ("aqe_retrieval.artifact._write_atomic", _no_space),
 }
 
 

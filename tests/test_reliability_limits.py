@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
 from service.app import BODY_ALLOWANCE, BYTES_PER_VALUE, create_app

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from index_builder import artifact
+from aqe_retrieval import artifact
 from service.app import create_app
 from service.settings import Settings
 

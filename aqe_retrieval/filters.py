@@ -14,11 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from aqe_retrieval.errors import FilterError
+
 OPERATORS = {"in", "not_in", "gt", "gte", "lt", "lte", "eq"}
-
-
-class FilterError(ValueError):
-    """A filter names an unknown column or operator, or a value of the wrong type."""
 
 
 def filter_mask(spec: dict[str, Any], columns: dict[str, np.ndarray]) -> np.ndarray:

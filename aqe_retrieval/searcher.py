@@ -4,7 +4,7 @@ A :class:`Searcher` is immutable once built; the service swaps whole searchers o
 request that took one keeps using it to the end. Search parameters (nprobe, efSearch, id
 selectors) are passed per call, never set on the shared index.
 
-Online expansion follows ``shared/AQE.md`` (serving mode): for level t = 0 .. qe_times - 1 the
+Online expansion follows ``docs/AQE.md`` (serving mode): for level t = 0 .. qe_times - 1 the
 query's neighbours are itself (weight 1) and its top ``qe_k - 1`` rows of the level-t gallery,
 ``q <- (q + sum_j s_j ** alpha * G_j) / qe_k``; then ``normalise(q)`` is searched in the serving
 index over the expanded gallery.
@@ -20,20 +20,17 @@ from typing import Any
 import faiss
 import numpy as np
 
-from index_builder import aqe
-from index_builder.artifact import Artifact
-from index_builder.expansion import expand_online, gallery_level
-from index_builder.knn import exact_knn, search_parameters
-from service.filters import filter_mask
+from aqe_retrieval import aqe
+from aqe_retrieval.artifact import Artifact
+from aqe_retrieval.errors import QueryError
+from aqe_retrieval.faiss_search import exact_knn, parameters_with_selector, search_parameters
+from aqe_retrieval.filters import filter_mask
+from aqe_retrieval.online import expand_online, gallery_level
 
 logger = logging.getLogger(__name__)
 
 
 MAX_ABS_VALUE = 1e30
-
-
-class QueryError(ValueError):
-    """A query the searcher cannot answer as asked (dimension, values, k, batch)."""
 
 
 @dataclass(frozen=True)
@@ -92,21 +89,14 @@ class Searcher:
             return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
         want = min(k, allowed)
         sel = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
-        sims, ids = index.search(u, want, params=self._params_with(sel, nprobe, ef))
+        sims, ids = index.search(u, want, params=parameters_with_selector(index, sel, nprobe, ef))
         if (ids < 0).any() and self._ivf is not None:
             # A selective filter can empty the probed lists: probe them all before giving up.
-            sims, ids = index.search(u, want, params=self._params_with(sel, self._ivf.nlist, ef))
+            everything = parameters_with_selector(index, sel, self._ivf.nlist, ef)
+            sims, ids = index.search(u, want, params=everything)
         if (ids < 0).any():
             sims, ids = self._exact_subset(u, want, np.flatnonzero(mask))
         return sims, ids
-
-    def _params_with(self, sel, nprobe: int | None, ef: int | None):
-        index = self.artifact.serving_index
-        if self._ivf is not None:
-            return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or self._ivf.nprobe)
-        if isinstance(index, faiss.IndexHNSW):
-            return faiss.SearchParametersHNSW(sel=sel, efSearch=ef or index.hnsw.efSearch)
-        return faiss.SearchParameters(sel=sel)
 
     def _exact_subset(self, u: np.ndarray, k: int, rows: np.ndarray):
         vectors = self.artifact.serving_index.reconstruct_batch(rows)

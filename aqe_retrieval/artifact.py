@@ -13,7 +13,7 @@
         ids.npy                     external ids (str), when given
         meta_<i>.npy                metadata column i (name and type in the manifest)
       .staging-<version>-<pid>/     a version being written (never read by a loader)
-      nightly_status.json           the scheduled job's last run (see index_builder.nightly)
+      nightly_status.json           the scheduled job's last run (aqe_retrieval.status)
       .build.lock                   held by a running scheduled build
 
 A version is written into a staging directory, fsynced, renamed into ``versions/`` and only then
@@ -40,99 +40,53 @@ from typing import Any
 
 import faiss
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import ValidationError
+
+from aqe_retrieval.errors import ArtifactError
+from aqe_retrieval.manifest import (
+    FORMAT_VERSION,
+    SERVING_INDEX,
+    FileEntry,
+    LevelEntry,
+    Manifest,
+    MetadataColumn,
+    ServingIndexEntry,
+)
+from aqe_retrieval.status import NightlyStatus
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 CURRENT = "current"
 VERSIONS = "versions"
-SERVING_INDEX = "serving.faiss"
 IDS = "ids.npy"
 STAGING_PREFIX = ".staging-"
 STATUS = "nightly_status.json"
 LOCK = ".build.lock"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
-FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class ArtifactError(Exception):
-    """An artifact or index root is missing, incomplete, corrupt or of another format."""
+def write_status(root: Path, status: NightlyStatus) -> None:
+    """Record the scheduled job's run under ``root``, atomically (fsynced, then renamed)."""
+    _write_atomic(status_path(root), status.model_dump_json(indent=2).encode())
 
 
-class FileEntry(BaseModel):
-    sha256: str
-    bytes: int
+def load_status(root: Path) -> NightlyStatus | None:
+    """The scheduled job's last record under ``root``; None if there is none or it is unreadable."""
+    path = status_path(Path(root))
+    try:
+        return NightlyStatus.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError) as exc:
+        logger.warning("%s: unreadable nightly status, ignored (%s)", path, exc)
+        return None
 
 
-class MetadataColumn(BaseModel):
-    name: str
-    dtype: str
-    file: str
-
-
-class LevelEntry(BaseModel):
-    level: int
-    rows: str
-    norms: str
-    index: str | None = None
-    index_type: str = "exact"
-    nprobe: int | None = None
-    ef_search: int | None = None
-    recall_at_k: float | None = None  # of ``index`` at ``nprobe`` against exact, on a sample
-    recall_k: int | None = None
-
-
-class ServingIndexEntry(BaseModel):
-    file: str = SERVING_INDEX
-    spec: str = "exact"
-    index_type: str = ""
-    nprobe: int | None = None
-    ef_search: int | None = None
-    recall_at_k: float | None = None
-    recall_k: int | None = None
-    recall_sample: int = 0
-
-
-class Manifest(BaseModel):
-    """Everything a loader or a person needs to know about one published version."""
-
-    format_version: int = FORMAT_VERSION
-    version: str
-    created_at: datetime
-    n: int
-    d: int
-    qe_k: int
-    effective_qe_k: int
-    alpha: float
-    qe_times: int
-    knn: dict[str, Any]
-    graph_recall: float | None = None
-    graph_recall_sample: int = 0
-    levels: list[LevelEntry]
-    serving_index: ServingIndexEntry
-    ids_file: str | None = None
-    metadata: list[MetadataColumn] = Field(default_factory=list)
-    files: dict[str, FileEntry]
-    input: dict[str, Any] = Field(default_factory=dict)
-    timings_s: dict[str, float] = Field(default_factory=dict)
-    software: dict[str, str] = Field(default_factory=dict)
-    quality: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _names_stay_inside(self) -> Manifest:
-        """Every file the manifest names is a plain name listed (and checksummed) in ``files``."""
-        named = [self.serving_index.file, *(c.file for c in self.metadata)]
-        named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index) if n]
-        named += [self.ids_file] if self.ids_file else []
-        for name in [*named, *self.files]:
-            if not FILE_NAME_RE.match(name):
-                raise ValueError(f"file name {name!r} is not a plain name inside the version")
-        missing = sorted(set(named) - set(self.files))
-        if missing:
-            raise ValueError(f"files {missing} have no checksum entry")
-        return self
+def read_status(root: Path) -> dict[str, Any] | None:
+    """The last nightly status record under ``root`` as JSON-ready data; None if none is valid."""
+    status = load_status(root)
+    return None if status is None else status.model_dump(mode="json")
 
 
 def status_path(root: Path) -> Path:

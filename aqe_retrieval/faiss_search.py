@@ -1,0 +1,42 @@
+"""Per-call FAISS search: exact inner-product kNN and search parameters that never touch the index.
+
+A shared index is never mutated per request (``index.nprobe = ...`` races under concurrency):
+parameters and id selectors travel with each ``search`` call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: ``xq`` (m, d), ``xb`` (n, d) float32 -> (sims, ids) (m, k)."""
+    sims, ids = faiss.knn(
+        np.ascontiguousarray(xq, dtype=np.float32),
+        np.ascontiguousarray(xb, dtype=np.float32),
+        k,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
+    return sims, ids
+
+
+def search_parameters(index: Any, nprobe: int | None, ef_search: int | None) -> Any:
+    """Per-call FAISS search parameters for ``index`` (never mutates the shared index)."""
+    if faiss.try_extract_index_ivf(index) is not None:
+        return faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(efSearch=ef_search) if ef_search else None
+    return None
+
+
+def parameters_with_selector(index: Any, sel: Any, nprobe: int | None, ef_search: int | None) -> Any:
+    """Per-call parameters for ``index`` restricted to the ids that ``sel`` (an IDSelector) admits."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or ivf.nprobe)
+    if isinstance(index, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
+    return faiss.SearchParameters(sel=sel)

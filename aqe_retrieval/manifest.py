@@ -1,0 +1,91 @@
+"""The manifest of one index version: what was built, how, from what, and each file's checksum.
+
+Pure data (pydantic models, format version :data:`FORMAT_VERSION`); :mod:`aqe_retrieval.artifact`
+owns where the manifest and the files it names live, and reads and writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+
+FORMAT_VERSION = 1
+SERVING_INDEX = "serving.faiss"
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class FileEntry(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class MetadataColumn(BaseModel):
+    name: str
+    dtype: str
+    file: str
+
+
+class LevelEntry(BaseModel):
+    level: int
+    rows: str
+    norms: str
+    index: str | None = None
+    index_type: str = "exact"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    recall_at_k: float | None = None  # of ``index`` at ``nprobe`` against exact, on a sample
+    recall_k: int | None = None
+
+
+class ServingIndexEntry(BaseModel):
+    file: str = SERVING_INDEX
+    spec: str = "exact"
+    index_type: str = ""
+    nprobe: int | None = None
+    ef_search: int | None = None
+    recall_at_k: float | None = None
+    recall_k: int | None = None
+    recall_sample: int = 0
+
+
+class Manifest(BaseModel):
+    """Everything a loader or a person needs to know about one published version."""
+
+    format_version: int = FORMAT_VERSION
+    version: str
+    created_at: datetime
+    n: int
+    d: int
+    qe_k: int
+    effective_qe_k: int
+    alpha: float
+    qe_times: int
+    knn: dict[str, Any]
+    graph_recall: float | None = None
+    graph_recall_sample: int = 0
+    levels: list[LevelEntry]
+    serving_index: ServingIndexEntry
+    ids_file: str | None = None
+    metadata: list[MetadataColumn] = Field(default_factory=list)
+    files: dict[str, FileEntry]
+    input: dict[str, Any] = Field(default_factory=dict)
+    timings_s: dict[str, float] = Field(default_factory=dict)
+    software: dict[str, str] = Field(default_factory=dict)
+    quality: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _names_stay_inside(self) -> Manifest:
+        """Every file the manifest names is a plain name listed (and checksummed) in ``files``."""
+        named = [self.serving_index.file, *(c.file for c in self.metadata)]
+        named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index) if n]
+        named += [self.ids_file] if self.ids_file else []
+        for name in [*named, *self.files]:
+            if not FILE_NAME_RE.match(name):
+                raise ValueError(f"file name {name!r} is not a plain name inside the version")
+        missing = sorted(set(named) - set(self.files))
+        if missing:
+            raise ValueError(f"files {missing} have no checksum entry")
+        return self
