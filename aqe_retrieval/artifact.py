@@ -126,15 +126,29 @@ class Staging:
         self.ids_file: str | None = None
         self.serving = ServingIndexEntry()
 
-    def save_level(self, level: int, rows: np.ndarray, norms: np.ndarray, index=None,
-                   index_type: str = "exact", nprobe: int | None = None,
-                   ef_search: int | None = None, recall_at_k: float | None = None,
-                   recall_k: int | None = None) -> None:
+    def save_level(
+        self,
+        level: int,
+        rows: np.ndarray,
+        norms: np.ndarray,
+        index=None,
+        index_type: str = "exact",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        recall_at_k: float | None = None,
+        recall_k: int | None = None,
+    ) -> None:
         """Store level ``level``'s normalised rows (n, d) float32, norms (n,), optional index."""
-        entry = LevelEntry(level=level, rows=f"level_{level}.npy", norms=f"level_{level}_norms.npy",
-                           index_type=index_type, nprobe=nprobe, ef_search=ef_search,
-                           recall_at_k=recall_at_k if index is not None else None,
-                           recall_k=recall_k if index is not None else None)
+        entry = LevelEntry(
+            level=level,
+            rows=f"level_{level}.npy",
+            norms=f"level_{level}_norms.npy",
+            index_type=index_type,
+            nprobe=nprobe,
+            ef_search=ef_search,
+            recall_at_k=recall_at_k if index is not None else None,
+            recall_k=recall_k if index is not None else None,
+        )
         np.save(self.path / entry.rows, np.ascontiguousarray(rows, dtype=np.float32))
         np.save(self.path / entry.norms, np.ascontiguousarray(norms, dtype=np.float32))
         if index is not None:
@@ -162,9 +176,12 @@ class Staging:
     def load_levels(self, n: int, d: int) -> list[Level]:
         """The levels saved so far, memory-mapped back (for checks before publishing)."""
         return [
-            Level(_load_npy(self.path / e.rows, "r", (n, d), np.float32),
-                  _load_npy(self.path / e.norms, "r", (n,), np.float32),
-                  _read_index(self.path / e.index, n, d, True) if e.index else None, e)
+            Level(
+                _load_npy(self.path / e.rows, "r", (n, d), np.float32),
+                _load_npy(self.path / e.norms, "r", (n,), np.float32),
+                _read_index(self.path / e.index, n, d, True) if e.index else None,
+                e,
+            )
             for e in self.levels
         ]
 
@@ -175,9 +192,15 @@ class Staging:
             files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
             _fsync(p)
         manifest = Manifest(
-            version=self.version, created_at=datetime.now(UTC), levels=self.levels,
-            serving_index=self.serving, ids_file=self.ids_file, metadata=self.metadata,
-            files=files, software=software_versions(), **fields,
+            version=self.version,
+            created_at=datetime.now(UTC),
+            levels=self.levels,
+            serving_index=self.serving,
+            ids_file=self.ids_file,
+            metadata=self.metadata,
+            files=files,
+            software=software_versions(),
+            **fields,
         )
         _write_atomic(self.path / MANIFEST, manifest.model_dump_json(indent=2).encode())
         _fsync(self.path)
@@ -282,9 +305,7 @@ def read_manifest(root: Path, version: str) -> Manifest:
         raise ArtifactError(f"version {version}: manifest does not parse ({exc})") from exc
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
         found = raw.get("format_version") if isinstance(raw, dict) else None
-        raise ArtifactError(
-            f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}"
-        )
+        raise ArtifactError(f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -357,8 +378,7 @@ class Artifact:
         return self.manifest.version
 
 
-def load(root: Path, version: str | None = None, *, check: bool = True,
-         mmap: bool = True) -> Artifact:
+def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bool = True) -> Artifact:
     """Load a version (default: current), verifying checksums and shapes unless ``check=False``."""
     version = version or current_version(root)
     if version is None:
@@ -378,8 +398,7 @@ def load(root: Path, version: str | None = None, *, check: bool = True,
         index = _read_index(base / entry.index, n, d, mmap) if entry.index else None
         levels.append(Level(rows, norms, index, entry))
     if len(levels) != manifest.qe_times:
-        raise ArtifactError(f"version {version}: {len(levels)} levels for qe_times "
-                            f"{manifest.qe_times}")
+        raise ArtifactError(f"version {version}: {len(levels)} levels for qe_times {manifest.qe_times}")
     serving = _read_index(base / manifest.serving_index.file, n, d, mmap)
     ids = _load_npy(base / manifest.ids_file, mode, (n,), None) if manifest.ids_file else None
     metadata = {c.name: _load_npy(base / c.file, mode, (n,), None) for c in manifest.metadata}

@@ -30,8 +30,13 @@ class GalleryLevel:
     search: NeighbourSearch
 
 
-def gallery_level(rows: np.ndarray, norms: np.ndarray, index: Any = None, nprobe: int | None = None,
-                  ef_search: int | None = None) -> GalleryLevel:
+def gallery_level(
+    rows: np.ndarray,
+    norms: np.ndarray,
+    index: Any = None,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+) -> GalleryLevel:
     """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters."""
     if index is None:
         return GalleryLevel(rows, norms, lambda u, k: exact_knn(u, rows, k)[1])
@@ -46,8 +51,7 @@ def gallery_level(rows: np.ndarray, norms: np.ndarray, index: Any = None, nprobe
     return GalleryLevel(rows, norms, search)
 
 
-def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int,
-                  alpha: float) -> np.ndarray:
+def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int, alpha: float) -> np.ndarray:
     """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (AQE.md).
 
     Round t expands against level t - 1: the query itself (weight 1) plus its top ``qe_k - 1``
@@ -59,8 +63,13 @@ def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int,
     for level in levels:
         u, _ = aqe.normalize_rows(q)
         if k == 0:
-            q = aqe.expand_queries(q, np.empty((len(q), 0, q.shape[1]), np.float32),
-                                   np.empty((len(q), 0), np.float32), alpha, qe_k)
+            q = aqe.expand_queries(
+                q,
+                np.empty((len(q), 0, q.shape[1]), np.float32),
+                np.empty((len(q), 0), np.float32),
+                alpha,
+                qe_k,
+            )
             continue
         ids = level.search(u, k).ravel()
         nb_u = np.asarray(level.rows[ids], dtype=np.float32).reshape(len(q), k, q.shape[1])

@@ -53,20 +53,24 @@ class Searcher:
         s = art.manifest.serving_index
         self._serving_params = (s.nprobe, s.ef_search)
         self._ivf = faiss.try_extract_index_ivf(art.serving_index)
-        self._levels = [gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe,
-                                      lv.entry.ef_search) for lv in art.levels]
+        self._levels = [
+            gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe, lv.entry.ef_search)
+            for lv in art.levels
+        ]
 
     def expand(self, queries: np.ndarray) -> np.ndarray:
         """Online AQE of raw queries (q, d) float32 -> expanded (q, d) float32, un-normalised."""
         return expand_online(queries, self._levels, self.qe_k, self.alpha)
 
-    def search(self, queries: np.ndarray, k: int, expand: bool = True,
-               filters: dict[str, Any] | None = None) -> list[list[Hit]]:
+    def search(
+        self, queries: np.ndarray, k: int, expand: bool = True, filters: dict[str, Any] | None = None
+    ) -> list[list[Hit]]:
         """Top-``k`` gallery rows for each raw query (q, d); best first, never padding."""
         return self.search_checked(self.check_queries(queries), k, expand, filters)
 
-    def search_checked(self, q: np.ndarray, k: int, expand: bool = True,
-                       filters: dict[str, Any] | None = None) -> list[list[Hit]]:
+    def search_checked(
+        self, q: np.ndarray, k: int, expand: bool = True, filters: dict[str, Any] | None = None
+    ) -> list[list[Hit]]:
         """:meth:`search` of queries that :meth:`check_queries` has already passed."""
         if k < 1:
             raise QueryError(f"k must be >= 1, got {k}")
@@ -121,8 +125,10 @@ class Searcher:
             finite = np.isfinite(peak)
             huge = np.flatnonzero(finite & (peak > MAX_ABS_VALUE))
             if len(huge):
-                raise QueryError(f"embeddings {huge[:10].tolist()} have values beyond "
-                                 f"+-{MAX_ABS_VALUE:g} (float32 norms would overflow)")
+                raise QueryError(
+                    f"embeddings {huge[:10].tolist()} have values beyond "
+                    f"+-{MAX_ABS_VALUE:g} (float32 norms would overflow)"
+                )
             raise QueryError(f"embeddings {np.flatnonzero(~finite)[:10].tolist()} contain NaN or Inf")
         zero = np.flatnonzero(peak == 0)
         if len(zero):

@@ -52,8 +52,7 @@ def plain_search(index, u: np.ndarray, k: int, nprobe: int, block: int) -> np.nd
     params = knn.search_parameters(index, nprobe, None)
     ids = np.empty((len(u), k), dtype=np.int64)
     for lo in range(0, len(u), block):
-        ids[lo : lo + block] = index.search(np.ascontiguousarray(u[lo : lo + block]), k,
-                                            params=params)[1]
+        ids[lo : lo + block] = index.search(np.ascontiguousarray(u[lo : lo + block]), k, params=params)[1]
     return ids
 
 
@@ -66,8 +65,12 @@ def main() -> None:
     p.add_argument("--nprobes", default="4,8,16,24,32,48,64,96,128")
     p.add_argument("--target", type=float, default=0.95)
     p.add_argument("--sample", type=int, default=2000, help="rows whose recall is measured")
-    p.add_argument("--plain-rows", type=int, default=200_000,
-                   help="rows the plain route is timed on, extrapolated to N (0: all)")
+    p.add_argument(
+        "--plain-rows",
+        type=int,
+        default=200_000,
+        help="rows the plain route is timed on, extrapolated to N (0: all)",
+    )
     p.add_argument("--exact-sample", type=int, default=2000)
     p.add_argument("--sym-rows", type=int, default=100_000)
     p.add_argument("--block-size", type=int, default=16384)
@@ -85,16 +88,24 @@ def main() -> None:
     n, k = len(u), a.k
     rows = sample_rows(n, a.sample, 0)
     t_truth, (_, truth) = timed(lambda: exact_knn(u[rows], u, k))
-    result: dict = {"n": n, "d": u.shape[1], "data": str(data), "k": k, "target": a.target,
-                    "workers": knn._workers(),
-                    "load_1min_start": round(os.getloadavg()[0], 2), "settings": []}
+    result: dict = {
+        "n": n,
+        "d": u.shape[1],
+        "data": str(data),
+        "k": k,
+        "target": a.target,
+        "workers": knn._workers(),
+        "load_1min_start": round(os.getloadavg()[0], 2),
+        "settings": [],
+    }
     print(json.dumps({k_: v for k_, v in result.items() if k_ != "settings"}), flush=True)
     for nlist in (int(s) for s in a.nlists.split(",")):
         spec = KnnSpec(method=f"IVF{nlist},Flat")
         t_train, trained = timed(lambda spec=spec: build_index(u, spec, a.block_size, add=False))
         index = faiss.clone_index(trained)
-        t_add, _ = timed(lambda index=index: [index.add(u[lo : lo + a.block_size])
-                                              for lo in range(0, n, a.block_size)])
+        t_add, _ = timed(
+            lambda index=index: [index.add(u[lo : lo + a.block_size]) for lo in range(0, n, a.block_size)]
+        )
         ladder = []
         chosen = None
         for nprobe in (int(s) for s in a.nprobes.split(",")):
@@ -103,18 +114,29 @@ def main() -> None:
             if ladder[-1]["recall"] >= a.target:
                 chosen = nprobe
                 break
-        row: dict = {"nlist": nlist, "train_s": round(t_train, 1), "add_s": round(t_add, 1),
-                     "ladder": ladder, "nprobe": chosen}
+        row: dict = {
+            "nlist": nlist,
+            "train_s": round(t_train, 1),
+            "add_s": round(t_add, 1),
+            "ladder": ladder,
+            "nprobe": chosen,
+        }
         if chosen is not None:
             load = os.getloadavg()[0]
             plain_rows = n if a.plain_rows == 0 else min(n, a.plain_rows)
-            t_plain, plain_ids = timed(lambda nprobe=chosen, index=index, m=plain_rows:
-                                       plain_search(index, u[:m], k, nprobe, a.block_size))
+            t_plain, plain_ids = timed(
+                lambda nprobe=chosen, index=index, m=plain_rows: plain_search(
+                    index, u[:m], k, nprobe, a.block_size
+                )
+            )
             t_plain_all = t_plain * n / plain_rows
             del index
             # the builder's batch route after training: assign once, add, one GEMM per list
-            t_batch, (_, ids) = timed(lambda nprobe=chosen, trained=trained: knn.batch_self_knn(
-                faiss.clone_index(trained), u, k, nprobe, a.block_size))
+            t_batch, (_, ids) = timed(
+                lambda nprobe=chosen, trained=trained: knn.batch_self_knn(
+                    faiss.clone_index(trained), u, k, nprobe, a.block_size
+                )
+            )
             common = rows[rows < plain_rows]
             row.update(
                 load_1min=round(load, 2),
@@ -142,10 +164,15 @@ def main() -> None:
     ok = [s for s in result["settings"] if s.get("graph_recall", 0) >= a.target]
     if ok:
         best = min(ok, key=lambda s: s["graph_s_batch"])
-        result["best"] = {"nlist": best["nlist"], "nprobe": best["nprobe"],
-                          "graph_recall": best["graph_recall"], "graph_s": best["graph_s_batch"],
-                          "speedup_vs_exact_symmetric": round(
-                              result["exact_symmetric_extrapolated_s"] / best["graph_s_batch"], 1)}
+        result["best"] = {
+            "nlist": best["nlist"],
+            "nprobe": best["nprobe"],
+            "graph_recall": best["graph_recall"],
+            "graph_s": best["graph_s_batch"],
+            "speedup_vs_exact_symmetric": round(
+                result["exact_symmetric_extrapolated_s"] / best["graph_s_batch"], 1
+            ),
+        }
         if t_exact:
             result["best"]["speedup_vs_exact_faiss"] = round(t_exact / best["graph_s_batch"], 1)
     print(json.dumps(result, indent=2))

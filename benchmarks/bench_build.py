@@ -63,10 +63,12 @@ def main() -> None:
     p.add_argument("--serving-index", default="auto")
     p.add_argument("--serving-nprobe", type=int, help="default: auto's measured choice")
     p.add_argument("--qe-k", type=int, default=10)
-    p.add_argument("--exact-sample", type=int, default=2000,
-                   help="rows timed for the exact-kNN extrapolation (0: skip)")
-    p.add_argument("--sym-rows", type=int, default=100_000,
-                   help="rows the symmetric exact kernel is timed on (0: skip)")
+    p.add_argument(
+        "--exact-sample", type=int, default=2000, help="rows timed for the exact-kNN extrapolation (0: skip)"
+    )
+    p.add_argument(
+        "--sym-rows", type=int, default=100_000, help="rows the symmetric exact kernel is timed on (0: skip)"
+    )
     p.add_argument("--data", type=Path, help="use this .npy instead of generating one")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path)
@@ -79,9 +81,23 @@ def main() -> None:
             generate(data, a.n, a.d, seed=1)
             print(f"generated {a.n} x {a.d} in {time.perf_counter() - t0:.0f}s", flush=True)
         root = Path(tmp) / "root"
-        cmd = [sys.executable, "-m", "index_builder.cli", "build", "--gallery", str(data),
-               "--root", str(root), "--qe-k", str(a.qe_k), "--knn", a.knn,
-               "--serving-index", a.serving_index, "--no-progress"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "index_builder.cli",
+            "build",
+            "--gallery",
+            str(data),
+            "--root",
+            str(root),
+            "--qe-k",
+            str(a.qe_k),
+            "--knn",
+            a.knn,
+            "--serving-index",
+            a.serving_index,
+            "--no-progress",
+        ]
         if a.nprobe:
             cmd += ["--nprobe", str(a.nprobe)]
         if a.serving_nprobe:
@@ -92,10 +108,16 @@ def main() -> None:
         version = (root / "current").read_text().strip()
         m = json.loads((root / "versions" / version / "manifest.json").read_text())
         result = {
-            "n": m["n"], "d": m["d"], "knn": a.knn, "nprobe": a.nprobe,
-            "batch_lists": a.batch_lists, "serving_index": m["serving_index"],
-            "wall_s": round(wall, 1), "peak_rss_gib": round(peak, 2),
-            "graph_recall": m["graph_recall"], "graph_recall_sample": m["graph_recall_sample"],
+            "n": m["n"],
+            "d": m["d"],
+            "knn": a.knn,
+            "nprobe": a.nprobe,
+            "batch_lists": a.batch_lists,
+            "serving_index": m["serving_index"],
+            "wall_s": round(wall, 1),
+            "peak_rss_gib": round(peak, 2),
+            "graph_recall": m["graph_recall"],
+            "graph_recall_sample": m["graph_recall_sample"],
             "timings_s": m["timings_s"],
         }
         if a.exact_sample:

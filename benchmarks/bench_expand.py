@@ -55,8 +55,12 @@ def main() -> None:
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--qe-k", type=int, default=10)
     p.add_argument("--alpha", type=float, default=3.0)
-    p.add_argument("--ref-max-n", type=int, default=30000,
-                   help="largest N the dense reference is run at (its matrix is 4 N^2 bytes)")
+    p.add_argument(
+        "--ref-max-n",
+        type=int,
+        default=30000,
+        help="largest N the dense reference is run at (its matrix is 4 N^2 bytes)",
+    )
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--_reference", nargs=2, help=argparse.SUPPRESS)
@@ -70,29 +74,61 @@ def main() -> None:
             data = Path(tmp) / f"g{n}.npy"
             generate(data, n, a.d, seed=n)
             ours_out, ref_out = Path(tmp) / "ours.npy", Path(tmp) / "ref.npy"
-            ours_s, ours_gib = run_child([sys.executable, "-m", "index_builder.cli", "expand",
-                                          str(data), str(ours_out), "--qe-k", str(a.qe_k),
-                                          "--alpha", str(a.alpha), "--no-progress"])
+            ours_s, ours_gib = run_child(
+                [
+                    sys.executable,
+                    "-m",
+                    "index_builder.cli",
+                    "expand",
+                    str(data),
+                    str(ours_out),
+                    "--qe-k",
+                    str(a.qe_k),
+                    "--alpha",
+                    str(a.alpha),
+                    "--no-progress",
+                ]
+            )
             row = {"n": n, "d": a.d, "ours_s": ours_s, "ours_peak_gib": ours_gib}
             if n <= a.ref_max_n:
-                ref_s, ref_gib = run_child([sys.executable, __file__, "--qe-k", str(a.qe_k),
-                                            "--alpha", str(a.alpha), "--_reference", str(data),
-                                            str(ref_out)])
+                ref_s, ref_gib = run_child(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--qe-k",
+                        str(a.qe_k),
+                        "--alpha",
+                        str(a.alpha),
+                        "--_reference",
+                        str(data),
+                        str(ref_out),
+                    ]
+                )
                 ours, ref = np.load(ours_out), np.load(ref_out)
                 err = float((np.abs(ours - ref).max(axis=1) / np.linalg.norm(ref, axis=1)).max())
-                row.update(ref_s=ref_s, ref_peak_gib=ref_gib, speedup=ref_s / ours_s,
-                           memory_fraction=ours_gib / ref_gib, max_rel_diff=err)
+                row.update(
+                    ref_s=ref_s,
+                    ref_peak_gib=ref_gib,
+                    speedup=ref_s / ours_s,
+                    memory_fraction=ours_gib / ref_gib,
+                    max_rel_diff=err,
+                )
             rows.append(row)
             print(json.dumps(row), flush=True)
             for f in (data, ours_out, ref_out):
                 f.unlink(missing_ok=True)
 
-    print(f"\n{'N':>8} {'d':>5} {'expand s':>9} {'peak GiB':>9} {'ref s':>8} {'ref GiB':>8} "
-          f"{'speedup':>8} {'mem frac':>9} {'max rel diff':>13}")
+    print(
+        f"\n{'N':>8} {'d':>5} {'expand s':>9} {'peak GiB':>9} {'ref s':>8} {'ref GiB':>8} "
+        f"{'speedup':>8} {'mem frac':>9} {'max rel diff':>13}"
+    )
     for r in rows:
-        ref = (f"{r['ref_s']:>8.1f} {r['ref_peak_gib']:>8.2f} {r['speedup']:>7.1f}x "
-               f"{r['memory_fraction']:>9.3f} {r['max_rel_diff']:>13.1e}"
-               if "ref_s" in r else f"{'(reference skipped: N x N does not fit)':>51}")
+        ref = (
+            f"{r['ref_s']:>8.1f} {r['ref_peak_gib']:>8.2f} {r['speedup']:>7.1f}x "
+            f"{r['memory_fraction']:>9.3f} {r['max_rel_diff']:>13.1e}"
+            if "ref_s" in r
+            else f"{'(reference skipped: N x N does not fit)':>51}"
+        )
         print(f"{r['n']:>8} {r['d']:>5} {r['ours_s']:>9.1f} {r['ours_peak_gib']:>9.2f} {ref}")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2))

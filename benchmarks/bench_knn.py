@@ -39,8 +39,10 @@ from index_builder.knn import KnnSpec, self_knn
 def blas_info() -> list[dict]:
     from threadpoolctl import threadpool_info
 
-    return [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
-                                    "threading_layer")} for i in threadpool_info()]
+    return [
+        {k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "threading_layer")}
+        for i in threadpool_info()
+    ]
 
 
 def gemm_peak(size: int = 4096, tries: int = 3) -> float:
@@ -98,8 +100,11 @@ def compare_sets(ids, sims, ref_ids, ref_sims, eps: float) -> dict:
         s_missing = ref_sims[r][np.isin(ref_ids[r], missing)]
         if np.abs(s_extra - kth).max() > eps or np.abs(s_missing - kth).max() > eps:
             bad += 1
-    return {"rows_identical": int(same.sum()), "rows_differing_in_ties": int((~same).sum() - bad),
-            "rows_differing": bad}
+    return {
+        "rows_identical": int(same.sum()),
+        "rows_differing_in_ties": int((~same).sum() - bad),
+        "rows_differing": bad,
+    }
 
 
 def main_run(a) -> dict:
@@ -117,16 +122,17 @@ def main_run(a) -> dict:
         p1 = gemm_peak()
         t_gemm = gemm_only(u, tile) if sym and not a.no_profile else None
         p2 = gemm_peak() if t_gemm is not None else p1
-        t_faiss, (ref_sims, ref_ids) = timed(
-            lambda: faiss.knn(u, u, a.k, metric=faiss.METRIC_INNER_PRODUCT))
+        t_faiss, (ref_sims, ref_ids) = timed(lambda: faiss.knn(u, u, a.k, metric=faiss.METRIC_INNER_PRODUCT))
         p3 = gemm_peak()
         peak_knn, peak_gemm, peak_faiss = (p0 + p1) / 2, (p1 + p2) / 2, (p2 + p3) / 2
         row = {
-            "rep": rep, "load_1min": round(load, 2),
+            "rep": rep,
+            "load_1min": round(load, 2),
             "gemm_peak_gflops": round((p0 + p1 + p2 + p3) / 4, 1),
             "gemm_peaks_between_phases": [round(p, 1) for p in (p0, p1, p2, p3)],
             "knn_kernel": "symmetric" if sym else "faiss",
-            "knn_s": round(t_knn, 2), "knn_gflops": round(flops_knn / t_knn / 1e9, 1),
+            "knn_s": round(t_knn, 2),
+            "knn_gflops": round(flops_knn / t_knn / 1e9, 1),
             "knn_fraction_of_peak": round(flops_knn / t_knn / 1e9 / peak_knn, 3),
             "faiss_knn_s": round(t_faiss, 2),
             "faiss_gflops": round(flops_full / t_faiss / 1e9, 1),
@@ -137,13 +143,23 @@ def main_run(a) -> dict:
             "load_1min_end": round(os.getloadavg()[0], 2),
         }
         if t_gemm is not None:
-            row.update(gemm_only_s=round(t_gemm, 2),
-                       gemm_only_fraction_of_peak=round(flops_knn / t_gemm / 1e9 / peak_gemm, 3),
-                       topk_share_of_knn=round(1 - t_gemm / t_knn, 3))
+            row.update(
+                gemm_only_s=round(t_gemm, 2),
+                gemm_only_fraction_of_peak=round(flops_knn / t_gemm / 1e9 / peak_gemm, 3),
+                topk_share_of_knn=round(1 - t_gemm / t_knn, 3),
+            )
         print(json.dumps(row), flush=True)
         rows.append(row)
-    return {"n": a.n, "d": a.d, "k": a.k, "block_size": a.block_size, "tile": tile,
-            "workers": knn._workers(), "blas": blas_info(), "runs": rows}
+    return {
+        "n": a.n,
+        "d": a.d,
+        "k": a.k,
+        "block_size": a.block_size,
+        "tile": tile,
+        "workers": knn._workers(),
+        "blas": blas_info(),
+        "runs": rows,
+    }
 
 
 def sweep_run(a) -> dict:
@@ -154,13 +170,18 @@ def sweep_run(a) -> dict:
         best = {"symmetric": float("inf"), "faiss": float("inf")}
         for _ in range(a.repeat):
             for kernel in best:
-                t, _ = timed(lambda u=u, kernel=kernel: self_knn(
-                    u, a.k, KnnSpec(exact_kernel=kernel), a.block_size))
+                t, _ = timed(
+                    lambda u=u, kernel=kernel: self_knn(u, a.k, KnnSpec(exact_kernel=kernel), a.block_size)
+                )
                 best[kernel] = min(best[kernel], t)
-        row = {"n": n, "d": a.d, "symmetric_s": round(best["symmetric"], 4),
-               "faiss_s": round(best["faiss"], 4),
-               "speedup": round(best["faiss"] / best["symmetric"], 2),
-               "load_1min": round(os.getloadavg()[0], 2)}
+        row = {
+            "n": n,
+            "d": a.d,
+            "symmetric_s": round(best["symmetric"], 4),
+            "faiss_s": round(best["faiss"], 4),
+            "speedup": round(best["faiss"] / best["symmetric"], 2),
+            "load_1min": round(os.getloadavg()[0], 2),
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     return {"sweep": rows}
@@ -176,8 +197,15 @@ def tiles_run(a) -> dict:
         for t in tiles:
             best[t] = min(best[t], timed(lambda t=t: knn.symmetric_self_knn(u, a.k, t))[0])
             floor[t] = min(floor[t], gemm_only(u, t))
-    rows = [{"tile": t, "symmetric_s": round(best[t], 2), "gemm_only_s": round(floor[t], 2),
-             "topk_share": round(1 - floor[t] / best[t], 3)} for t in tiles]
+    rows = [
+        {
+            "tile": t,
+            "symmetric_s": round(best[t], 2),
+            "gemm_only_s": round(floor[t], 2),
+            "topk_share": round(1 - floor[t] / best[t], 3),
+        }
+        for t in tiles
+    ]
     for r in rows:
         print(json.dumps(r), flush=True)
     return {"n": a.n, "d": a.d, "tiles": rows, "load_1min": round(os.getloadavg()[0], 2)}
@@ -196,8 +224,18 @@ def main() -> None:
     p.add_argument("--tiles", help="comma-separated tile sides to compare at --n")
     p.add_argument("--json", type=Path, help="also write the figures here")
     a = p.parse_args()
-    print(json.dumps({"blas": blas_info(), "faiss": faiss.__version__, "numpy": np.__version__,
-                      "workers": knn._workers(), "cpus": os.cpu_count()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "blas": blas_info(),
+                "faiss": faiss.__version__,
+                "numpy": np.__version__,
+                "workers": knn._workers(),
+                "cpus": os.cpu_count(),
+            }
+        ),
+        flush=True,
+    )
     result = sweep_run(a) if a.sweep else tiles_run(a) if a.tiles else main_run(a)
     if a.json:
         a.json.write_text(json.dumps(result, indent=2))

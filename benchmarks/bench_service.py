@@ -92,15 +92,20 @@ def raw_anchors(root: Path, queries: np.ndarray, k: int, repeat: int, seconds: f
     s = Searcher(artifact.load(root))
     s.warm_up()
     index = s.artifact.serving_index
-    params = faiss.SearchParametersIVF(nprobe=s.manifest.serving_index.nprobe or 1) \
-        if faiss.try_extract_index_ivf(index) is not None else None
+    params = (
+        faiss.SearchParametersIVF(nprobe=s.manifest.serving_index.nprobe or 1)
+        if faiss.try_extract_index_ivf(index) is not None
+        else None
+    )
     cores = os.cpu_count() or 1
     faiss.omp_set_num_threads(1)  # as the service runs each search (AQE_THREADS=1)
     res: dict = {}
     res["raw_faiss_p50_ms"], res["raw_faiss_p99_ms"] = percentiles(
-        timed(lambda q: index.search(normalize_rows(q)[0], k, params=params), queries, repeat))
+        timed(lambda q: index.search(normalize_rows(q)[0], k, params=params), queries, repeat)
+    )
     res["raw_aqe_p50_ms"], res["raw_aqe_p99_ms"] = percentiles(
-        timed(lambda q: s.search(q, k), queries, repeat))
+        timed(lambda q: s.search(q, k), queries, repeat)
+    )
     per_core = batch_qps(s, queries, k, seconds, cores)
     faiss.omp_set_num_threads(cores)
     one_thread = batch_qps(s, queries, k, seconds, 1)
@@ -120,13 +125,20 @@ def memory(server: subprocess.Popen, files_bytes: int) -> dict:
             m = p.memory_full_info()
         except psutil.Error:
             continue
-        rows.append({"pid": p.pid, "rss_mib": round(m.rss / 2**20, 1),
-                     "pss_mib": round(m.pss / 2**20, 1), "uss_mib": round(m.uss / 2**20, 1)})
+        rows.append(
+            {
+                "pid": p.pid,
+                "rss_mib": round(m.rss / 2**20, 1),
+                "pss_mib": round(m.pss / 2**20, 1),
+                "uss_mib": round(m.uss / 2**20, 1),
+            }
+        )
     return {"index_files_mib": round(files_bytes / 2**20, 1), "processes": rows}
 
 
-def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, seconds: float,
-            workdir: Path) -> dict:
+def profile(
+    server: subprocess.Popen, url: str, queries: np.ndarray, k: int, seconds: float, workdir: Path
+) -> dict:
     """py-spy samples of the service's processes under 32 clients, grouped by where they are."""
     import shutil
 
@@ -136,10 +148,22 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
     top = psutil.Process(server.pid)
     procs = [top, *top.children(recursive=True)]
     cpu0 = {p.pid: sum(p.cpu_times()[:2]) for p in procs}
-    load = subprocess.Popen([sys.executable, str(HERE / "http_load.py"), url,
-                             str(workdir / "http_load_queries.npy"), "--k", str(k),
-                             "--clients", "32", "--seconds", str(seconds)],
-                            stdout=subprocess.PIPE, text=True)
+    load = subprocess.Popen(
+        [
+            sys.executable,
+            str(HERE / "http_load.py"),
+            url,
+            str(workdir / "http_load_queries.npy"),
+            "--k",
+            str(k),
+            "--clients",
+            "32",
+            "--seconds",
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     client = psutil.Process(load.pid)
     time.sleep(1.0)
     t0 = time.perf_counter()
@@ -148,10 +172,27 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
     for p in procs:
         out = workdir / f"spy-{p.pid}.txt"
         outs.append(out)
-        spies.append(subprocess.Popen([spy, "record", "--pid", str(p.pid), "--duration",
-                                       str(max(1, int(seconds - 2))), "--rate", "250",
-                                       "--format", "raw", "--nonblocking", "--output", str(out)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        spies.append(
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(p.pid),
+                    "--duration",
+                    str(max(1, int(seconds - 2))),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--nonblocking",
+                    "--output",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
     client_cpu0 = sum(client.cpu_times()[:2])
     for sp in spies:
         sp.wait()
@@ -160,8 +201,13 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
     server_cpu = sum(sum(p.cpu_times()[:2]) - cpu0[p.pid] for p in procs)
     figures = json.loads(load.communicate()[0])
     # py-spy counts a thread blocked in SimpleQueue.get as running: "batcher_waiting" is idle
-    groups = {"faiss_search": 0, "rest_of_search": 0, "batcher": 0, "batcher_waiting": 0,
-              "http_event_loop": 0}
+    groups = {
+        "faiss_search": 0,
+        "rest_of_search": 0,
+        "batcher": 0,
+        "batcher_waiting": 0,
+        "http_event_loop": 0,
+    }
     for out in outs:
         if not out.exists():
             continue
@@ -179,9 +225,12 @@ def profile(server: subprocess.Popen, url: str, queries: np.ndarray, k: int, sec
             elif "_run_once" in stack or "Runner.run" in stack or "run_asgi" in stack:
                 groups["http_event_loop"] += int(count)
     total = max(1, sum(groups.values()))
-    return {"qps_while_sampled": figures["qps"],
-            "server_cores": round(server_cpu / wall, 2), "client_cores": round(client_cpu / wall, 2),
-            "shares_of_server_samples": {g: round(c / total, 3) for g, c in groups.items()}}
+    return {
+        "qps_while_sampled": figures["qps"],
+        "server_cores": round(server_cpu / wall, 2),
+        "client_cores": round(client_cpu / wall, 2),
+        "shares_of_server_samples": {g: round(c / total, 3) for g, c in groups.items()},
+    }
 
 
 def main() -> None:
@@ -208,25 +257,51 @@ def main() -> None:
         x = np.load(data, mmap_mode="r")
         np.save(tmpdir / "gallery.npy", np.asarray(x[: a.n]))
         queries = np.asarray(x[a.n :], dtype=np.float32)
-        cmd = [sys.executable, "-m", "index_builder.cli", "build", "--gallery",
-               str(tmpdir / "gallery.npy"), "--root", str(root), "--no-progress",
-               "--serving-index", a.serving_index, "--serving-nprobe", str(a.serving_nprobe),
-               "--knn", a.knn] + (["--nprobe", str(a.nprobe)] if a.knn != "exact" else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "index_builder.cli",
+            "build",
+            "--gallery",
+            str(tmpdir / "gallery.npy"),
+            "--root",
+            str(root),
+            "--no-progress",
+            "--serving-index",
+            a.serving_index,
+            "--serving-nprobe",
+            str(a.serving_nprobe),
+            "--knn",
+            a.knn,
+        ] + (["--nprobe", str(a.nprobe)] if a.knn != "exact" else [])
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         version = root / "versions" / (root / "current").read_text().strip()
         files_bytes = sum(f.stat().st_size for f in version.iterdir())
 
-        res: dict = {"n": a.n, "d": a.d, "k": a.k, "knn": a.knn, "nprobe": a.nprobe,
-                     "serving_index": a.serving_index,
-                     "serving_nprobe": a.serving_nprobe, "workers": a.workers,
-                     "cpus": os.cpu_count(), "load_1min_start": round(os.getloadavg()[0], 2)}
+        res: dict = {
+            "n": a.n,
+            "d": a.d,
+            "k": a.k,
+            "knn": a.knn,
+            "nprobe": a.nprobe,
+            "serving_index": a.serving_index,
+            "serving_nprobe": a.serving_nprobe,
+            "workers": a.workers,
+            "cpus": os.cpu_count(),
+            "load_1min_start": round(os.getloadavg()[0], 2),
+        }
         res.update(raw_anchors(root, queries, a.k, a.repeat, a.seconds))
 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        env = {**os.environ, "AQE_INDEX_ROOT": str(root), "AQE_PORT": str(port),
-               "AQE_WORKERS": str(a.workers), "AQE_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "AQE_INDEX_ROOT": str(root),
+            "AQE_PORT": str(port),
+            "AQE_WORKERS": str(a.workers),
+            "AQE_LOG_LEVEL": "WARNING",
+        }
         server = subprocess.Popen([sys.executable, "-m", "service.main"], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
@@ -235,8 +310,10 @@ def main() -> None:
             res["http_p50_ms"], res["http_p99_ms"] = one["p50_ms"], one["p99_ms"]
             floor = run_in_subprocess(url, queries, a.k, 1, a.seconds, tmpdir, path="/healthz")
             res["http_floor_healthz_p50_ms"] = floor["p50_ms"]
-            res["concurrency"] = [run_in_subprocess(url, queries, a.k, int(c), a.seconds, tmpdir)
-                                  for c in a.concurrency.split(",")]
+            res["concurrency"] = [
+                run_in_subprocess(url, queries, a.k, int(c), a.seconds, tmpdir)
+                for c in a.concurrency.split(",")
+            ]
             res["memory"] = memory(server, files_bytes)
             if a.profile:
                 res["profile"] = profile(server, url, queries, a.k, max(a.seconds, 8), tmpdir)
@@ -247,22 +324,30 @@ def main() -> None:
 
     print(json.dumps(res, indent=2))
     raw = res["raw_aqe_p50_ms"]
-    print(f"\nraw FAISS p50 {res['raw_faiss_p50_ms']:.3f} ms | raw AQE+FAISS p50 {raw:.3f} ms | "
-          f"HTTP p50 {res['http_p50_ms']:.3f} ms (+{res['http_p50_ms'] - raw:.3f} ms over raw "
-          f"AQE+FAISS; HTTP floor GET /healthz {res['http_floor_healthz_p50_ms']:.3f} ms)")
+    print(
+        f"\nraw FAISS p50 {res['raw_faiss_p50_ms']:.3f} ms | raw AQE+FAISS p50 {raw:.3f} ms | "
+        f"HTTP p50 {res['http_p50_ms']:.3f} ms (+{res['http_p50_ms'] - raw:.3f} ms over raw "
+        f"AQE+FAISS; HTTP floor GET /healthz {res['http_floor_healthz_p50_ms']:.3f} ms)"
+    )
     print(f"raw AQE+FAISS batch-32: {res['raw_batch32_qps']:.0f} q/s")
     for c in res["concurrency"]:
-        print(f"HTTP {c['clients']:>3} clients: {c['qps']:>7.0f} q/s "
-              f"({c['qps'] / res['raw_batch32_qps']:.2f} of raw batch-32), p50 "
-              f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}")
+        print(
+            f"HTTP {c['clients']:>3} clients: {c['qps']:>7.0f} q/s "
+            f"({c['qps'] / res['raw_batch32_qps']:.2f} of raw batch-32), p50 "
+            f"{c['p50_ms']:.2f} ms, p99 {c['p99_ms']:.2f} ms, errors {c['errors']}"
+        )
     for m in res["memory"]["processes"]:
-        print(f"worker {m['pid']}: RSS {m['rss_mib']} MiB, PSS {m['pss_mib']} MiB, USS "
-              f"{m['uss_mib']} MiB (version files {res['memory']['index_files_mib']} MiB)")
+        print(
+            f"worker {m['pid']}: RSS {m['rss_mib']} MiB, PSS {m['pss_mib']} MiB, USS "
+            f"{m['uss_mib']} MiB (version files {res['memory']['index_files_mib']} MiB)"
+        )
     if "profile" in res:
         pr = res["profile"]
-        print(f"profile at 32 clients ({pr['qps_while_sampled']:.0f} q/s): server "
-              f"{pr['server_cores']} cores, client {pr['client_cores']} cores; server samples: "
-              + ", ".join(f"{g} {v:.0%}" for g, v in pr["shares_of_server_samples"].items()))
+        print(
+            f"profile at 32 clients ({pr['qps_while_sampled']:.0f} q/s): server "
+            f"{pr['server_cores']} cores, client {pr['client_cores']} cores; server samples: "
+            + ", ".join(f"{g} {v:.0%}" for g, v in pr["shares_of_server_samples"].items())
+        )
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
 

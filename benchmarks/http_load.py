@@ -29,8 +29,10 @@ def request_bytes(host: str, port: int, body: bytes, path: str = "/search") -> b
     """``POST path`` with a JSON ``body``; ``GET path`` when ``body`` is empty."""
     if not body:
         return f"GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\n\r\n".encode()
-    head = (f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -51,8 +53,7 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k: int,
-                check: int) -> dict:
+async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k: int, check: int) -> dict:
     parts = urlsplit(url)
     lat: list[float] = []
     errors = [0]
@@ -84,14 +85,18 @@ async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k
     await asyncio.gather(*(one_client(c) for c in range(clients)))
     elapsed = time.perf_counter() - t0
     a = np.array(lat) * 1000
-    return {"clients": clients, "requests": len(lat), "seconds": round(elapsed, 2),
-            "qps": round(len(lat) / elapsed, 1), "errors": errors[0],
-            "p50_ms": round(float(np.percentile(a, 50)), 3),
-            "p99_ms": round(float(np.percentile(a, 99)), 3)}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "seconds": round(elapsed, 2),
+        "qps": round(len(lat) / elapsed, 1),
+        "errors": errors[0],
+        "p50_ms": round(float(np.percentile(a, 50)), 3),
+        "p99_ms": round(float(np.percentile(a, 99)), 3),
+    }
 
 
-def load(url: str, bodies: list[bytes], clients: int, seconds: float, k: int,
-         path: str = "/search") -> dict:
+def load(url: str, bodies: list[bytes], clients: int, seconds: float, k: int, path: str = "/search") -> dict:
     """Closed-loop load: ``clients`` connections, each sending the next body as soon as answered.
 
     With ``path`` other than ``/search`` the client sends ``GET path`` and checks statuses only.
@@ -104,14 +109,31 @@ def load(url: str, bodies: list[bytes], clients: int, seconds: float, k: int,
     return asyncio.run(_load(url, requests, clients, seconds, k, 20 if path == "/search" else 0))
 
 
-def run_in_subprocess(url: str, queries: np.ndarray, k: int, clients: int, seconds: float,
-                      workdir: Path, path: str = "/search") -> dict:
+def run_in_subprocess(
+    url: str, queries: np.ndarray, k: int, clients: int, seconds: float, workdir: Path, path: str = "/search"
+) -> dict:
     """:func:`load` in a child process (its own GIL); returns its figures."""
     saved = workdir / "http_load_queries.npy"
     np.save(saved, np.asarray(queries, dtype=np.float32))
-    out = subprocess.run([sys.executable, __file__, url, str(saved), "--k", str(k), "--clients",
-                          str(clients), "--seconds", str(seconds), "--path", path],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            url,
+            str(saved),
+            "--k",
+            str(k),
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--path",
+            path,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout)
 
 

@@ -18,9 +18,19 @@ from pathlib import Path
 import numpy as np
 
 
-def generate(out: Path, n: int, d: int, rank: int = 48, per_id: int = 6, spread: float = 0.45,
-             floor: float = 0.05, seed: int = 0, dtype: str = "float32", block: int = 65536,
-             labels_out: Path | None = None) -> None:
+def generate(
+    out: Path,
+    n: int,
+    d: int,
+    rank: int = 48,
+    per_id: int = 6,
+    spread: float = 0.45,
+    floor: float = 0.05,
+    seed: int = 0,
+    dtype: str = "float32",
+    block: int = 65536,
+    labels_out: Path | None = None,
+) -> None:
     """Write an (n, d) ``.npy`` of structured embeddings to ``out`` (memory: O(block * d))."""
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 2 * per_id + 1, size=n // per_id + n)
@@ -34,8 +44,7 @@ def generate(out: Path, n: int, d: int, rank: int = 48, per_id: int = 6, spread:
     for lo in range(0, n, block):
         hi = min(n, lo + block)
         brng = np.random.default_rng([seed, lo])
-        latent = centres[labels[lo:hi]] + spread * brng.standard_normal((hi - lo, rank),
-                                                                         dtype=np.float32)
+        latent = centres[labels[lo:hi]] + spread * brng.standard_normal((hi - lo, rank), dtype=np.float32)
         rows = latent @ basis + floor * brng.standard_normal((hi - lo, d), dtype=np.float32)
         x[lo:hi] = rows.astype(dtype)
     x.flush()
@@ -55,8 +64,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"])
     a = p.parse_args()
-    generate(a.out, a.n, a.d, a.rank, a.per_id, seed=a.seed, dtype=a.dtype,
-             labels_out=a.labels_out)
+    generate(a.out, a.n, a.d, a.rank, a.per_id, seed=a.seed, dtype=a.dtype, labels_out=a.labels_out)
 
 
 if __name__ == "__main__":

@@ -114,8 +114,9 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         if self.expansion_index not in EXPANSION_INDEXES:
-            raise ValueError(f"expansion_index must be one of {EXPANSION_INDEXES}, "
-                             f"got {self.expansion_index!r}")
+            raise ValueError(
+                f"expansion_index must be one of {EXPANSION_INDEXES}, got {self.expansion_index!r}"
+            )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.keep < 1:
@@ -135,8 +136,7 @@ def build(config: BuildConfig) -> artifact.Manifest:
     source = open_embeddings(config.gallery)
     ids = read_ids(config.ids, source.n) if config.ids else None
     metadata = read_metadata(config.metadata, source.n) if config.metadata else {}
-    quality_inputs = (_quality_inputs(config.quality, source, metadata)
-                      if config.quality else None)
+    quality_inputs = _quality_inputs(config.quality, source, metadata) if config.quality else None
     input_files = [*source.paths, *(p for p in (config.ids, config.metadata) if p)]
     input_info = {
         "gallery": str(config.gallery),
@@ -147,8 +147,7 @@ def build(config: BuildConfig) -> artifact.Manifest:
         "fingerprint": fingerprint(input_files),
     }
     timings["inputs"] = time.perf_counter() - t0
-    logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype,
-                len(source.paths))
+    logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype, len(source.paths))
 
     with artifact.staging(config.root) as stage:
 
@@ -157,19 +156,38 @@ def build(config: BuildConfig) -> artifact.Manifest:
             if knn.index is None and config.expansion_index == AUTO:
                 index, entry = expansion_index(rows, config, level)
             if entry is not None:  # an index of its own for online expansion
-                stage.save_level(level, rows, norms, index=index, index_type=entry.spec,
-                                 nprobe=entry.nprobe, recall_at_k=entry.recall_at_k,
-                                 recall_k=entry.recall_k)
+                stage.save_level(
+                    level,
+                    rows,
+                    norms,
+                    index=index,
+                    index_type=entry.spec,
+                    nprobe=entry.nprobe,
+                    recall_at_k=entry.recall_at_k,
+                    recall_k=entry.recall_k,
+                )
             else:  # the graph's index, if any
-                stage.save_level(level, rows, norms, index=knn.index,
-                                 index_type="exact" if knn.index is None else config.knn.method,
-                                 nprobe=config.knn.nprobe, ef_search=config.knn.ef_search,
-                                 recall_at_k=knn.recall, recall_k=config.params.qe_k)
+                stage.save_level(
+                    level,
+                    rows,
+                    norms,
+                    index=knn.index,
+                    index_type="exact" if knn.index is None else config.knn.method,
+                    nprobe=config.knn.nprobe,
+                    ef_search=config.knn.ef_search,
+                    recall_at_k=knn.recall,
+                    recall_k=config.params.qe_k,
+                )
 
         t1 = time.perf_counter()
         expanded, report = expand_source(
-            source, config.params, config.knn, block_size=config.block_size,
-            on_level=save_level, show_progress=config.show_progress, label=str(config.gallery),
+            source,
+            config.params,
+            config.knn,
+            block_size=config.block_size,
+            on_level=save_level,
+            show_progress=config.show_progress,
+            label=str(config.gallery),
         )
         timings["expand"] = time.perf_counter() - t1
         timings["read"] = report.read_seconds
@@ -178,8 +196,7 @@ def build(config: BuildConfig) -> artifact.Manifest:
         t2 = time.perf_counter()
         aqe.normalize_rows_inplace(expanded, config.block_size)
         u = expanded
-        index, serving_entry = build_serving_index(u, config.serving, config.block_size,
-                                                   config.show_progress)
+        index, serving_entry = build_serving_index(u, config.serving, config.block_size, config.show_progress)
         stage.save_serving_index(index, serving_entry)
         del index
         timings["serving_index"] = time.perf_counter() - t2
@@ -198,11 +215,17 @@ def build(config: BuildConfig) -> artifact.Manifest:
         timings["total"] = t3 - t0
         manifest = stage.publish(
             keep=config.keep,
-            n=source.n, d=source.d, qe_k=config.params.qe_k, effective_qe_k=report.effective_qe_k,
-            alpha=config.params.alpha, qe_times=config.params.qe_times,
-            knn=_knn_record(config.knn), graph_recall=report.graph_recall,
+            n=source.n,
+            d=source.d,
+            qe_k=config.params.qe_k,
+            effective_qe_k=report.effective_qe_k,
+            alpha=config.params.alpha,
+            qe_times=config.params.qe_times,
+            knn=_knn_record(config.knn),
+            graph_recall=report.graph_recall,
             graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
-            input=input_info, timings_s={k: round(v, 3) for k, v in timings.items()},
+            input=input_info,
+            timings_s={k: round(v, 3) for k, v in timings.items()},
             quality=quality,
         )
     logger.info("publish took %.1fs", time.perf_counter() - t3)
@@ -219,8 +242,9 @@ def _quality_inputs(spec: QualitySpec, source, metadata: dict[str, np.ndarray]):
         if qsrc.d != source.d:
             raise InputError(f"{spec.queries}: dimension {qsrc.d}, the gallery's is {source.d}")
         xq = np.concatenate([b for _, b in qsrc.blocks(65536)])
-        q_labels = labels_from_columns(read_metadata(spec.query_labels, qsrc.n),
-                                       spec.pid_column, spec.camid_column)
+        q_labels = labels_from_columns(
+            read_metadata(spec.query_labels, qsrc.n), spec.pid_column, spec.camid_column
+        )
     else:
         rows = sample_rows(source.n, spec.sample, spec.seed)
         xq = source.take(rows)
@@ -228,27 +252,39 @@ def _quality_inputs(spec: QualitySpec, source, metadata: dict[str, np.ndarray]):
     return xq, q_labels, g_labels
 
 
-def _quality_gate(stage, u: np.ndarray, report, config: BuildConfig, xq: np.ndarray,
-                  q_labels: Labels, g_labels: Labels) -> dict[str, Any]:
+def _quality_gate(
+    stage, u: np.ndarray, report, config: BuildConfig, xq: np.ndarray, q_labels: Labels, g_labels: Labels
+) -> dict[str, Any]:
     """mAP with and without expansion on the staged version; raises if the gate refuses it."""
     spec = config.quality
     assert spec is not None
-    levels = [gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe, lv.entry.ef_search)
-              for lv in stage.load_levels(u.shape[0], u.shape[1])]
+    levels = [
+        gallery_level(lv.rows, lv.norms, lv.index, lv.entry.nprobe, lv.entry.ef_search)
+        for lv in stage.load_levels(u.shape[0], u.shape[1])
+    ]
     raw = cosine_metrics(xq, levels[0].rows, q_labels, g_labels)
     eq = expand_online(xq, levels, report.effective_qe_k, config.params.alpha)
     expanded = cosine_metrics(eq, u, q_labels, g_labels)
     record = gate_check(raw, expanded, report.graph_recall, spec.gate)
     record["queries"] = len(xq)
-    logger.info("quality: mAP raw %.4f, AQE %.4f (%+.4f) on %d queries; graph recall %s",
-                raw.mean_ap, expanded.mean_ap, record["map_gain"], len(xq), report.graph_recall)
+    logger.info(
+        "quality: mAP raw %.4f, AQE %.4f (%+.4f) on %d queries; graph recall %s",
+        raw.mean_ap,
+        expanded.mean_ap,
+        record["map_gain"],
+        len(xq),
+        report.graph_recall,
+    )
     if not record["passed"]:
         raise QualityGateError("quality gate refused the build: " + "; ".join(record["reasons"]))
     return record
 
 
 def build_serving_index(
-    u: np.ndarray, spec: ServingSpec, block_size: int, show_progress: bool | None = None,
+    u: np.ndarray,
+    spec: ServingSpec,
+    block_size: int,
+    show_progress: bool | None = None,
     what: str = "serving index",
 ) -> tuple[Any, artifact.ServingIndexEntry]:
     """The index searched by the service over ``u`` (n, d) normalised expanded rows.
@@ -270,8 +306,9 @@ def build_serving_index(
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()
-    entry = artifact.ServingIndexEntry(spec=method, index_type=_describe(index),
-                                       nprobe=nprobe, ef_search=spec.ef_search)
+    entry = artifact.ServingIndexEntry(
+        spec=method, index_type=_describe(index), nprobe=nprobe, ef_search=spec.ef_search
+    )
     if not knn_spec.exact:
         k = min(spec.recall_k, n)
         rows = sample_rows(n, spec.recall_sample, spec.seed)
@@ -288,13 +325,21 @@ def build_serving_index(
         else:
             entry.recall_at_k = recall(nprobe)
         entry.recall_k, entry.recall_sample = k, len(rows)
-        logger.info("%s %s (nprobe %s): recall@%d %.4f on %d queries", what, method, nprobe,
-                    k, entry.recall_at_k, len(rows))
+        logger.info(
+            "%s %s (nprobe %s): recall@%d %.4f on %d queries",
+            what,
+            method,
+            nprobe,
+            k,
+            entry.recall_at_k,
+            len(rows),
+        )
     return index, entry
 
 
-def expansion_index(rows: np.ndarray, config: BuildConfig,
-                    level: int) -> tuple[Any, artifact.ServingIndexEntry | None]:
+def expansion_index(
+    rows: np.ndarray, config: BuildConfig, level: int
+) -> tuple[Any, artifact.ServingIndexEntry | None]:
     """The index online expansion searches in a level whose graph was exact, or (None, None).
 
     An exact graph leaves no index, and a flat scan of every row per query costs what exact
@@ -306,13 +351,21 @@ def expansion_index(rows: np.ndarray, config: BuildConfig,
     n, d = rows.shape
     if choose_serving_method(n, d, config.serving.memory_budget_gib)[0] == "exact":
         return None, None
-    spec = ServingSpec(method=AUTO, recall_k=max(config.params.qe_k - 1, 1),
-                       recall_sample=config.serving.recall_sample, seed=config.serving.seed,
-                       memory_budget_gib=config.serving.memory_budget_gib,
-                       recall_target=config.serving.recall_target)
-    return build_serving_index(np.ascontiguousarray(rows, dtype=np.float32), spec,
-                               config.block_size, config.show_progress,
-                               what=f"level {level} expansion index")
+    spec = ServingSpec(
+        method=AUTO,
+        recall_k=max(config.params.qe_k - 1, 1),
+        recall_sample=config.serving.recall_sample,
+        seed=config.serving.seed,
+        memory_budget_gib=config.serving.memory_budget_gib,
+        recall_target=config.serving.recall_target,
+    )
+    return build_serving_index(
+        np.ascontiguousarray(rows, dtype=np.float32),
+        spec,
+        config.block_size,
+        config.show_progress,
+        what=f"level {level} expansion index",
+    )
 
 
 def choose_serving_method(n: int, d: int, memory_budget_gib: float) -> tuple[str, str]:
@@ -330,17 +383,24 @@ def choose_serving_method(n: int, d: int, memory_budget_gib: float) -> tuple[str
         return "exact", f"{n} rows <= {AUTO_EXACT_MAX_N}: flat search, {flat / 2**30:.2f} GiB"
     nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 1))))
     nlist = min(nlist, 2 ** int(np.log2(max(n // 39, 1))))  # a power of two <= n / 39
-    why = f"{n} rows > {AUTO_EXACT_MAX_N}" if flat <= budget else (
-        f"flat needs {flat / 2**30:.2f} GiB > budget {memory_budget_gib} GiB")
+    why = (
+        f"{n} rows > {AUTO_EXACT_MAX_N}"
+        if flat <= budget
+        else (f"flat needs {flat / 2**30:.2f} GiB > budget {memory_budget_gib} GiB")
+    )
     storages = [("Flat", 4 * d), ("SQ8", d)]
     storages += [(f"PQ{m}", m) for m in range(d, 0, -1) if d % m == 0 and m < d and m <= 64]
     for name, row_bytes in storages:
         size = n * (row_bytes + 16) + nlist * d * 4
         if size <= budget:
-            return (f"IVF{nlist},{name}",
-                    f"{why}; IVF{nlist},{name} needs {size / 2**30:.2f} GiB of {memory_budget_gib}")
-    raise ValueError(f"serving memory budget {memory_budget_gib} GiB is too small for {n} rows of "
-                     f"dimension {d} (the smallest IVF,PQ needs {size / 2**30:.2f} GiB)")
+            return (
+                f"IVF{nlist},{name}",
+                f"{why}; IVF{nlist},{name} needs {size / 2**30:.2f} GiB of {memory_budget_gib}",
+            )
+    raise ValueError(
+        f"serving memory budget {memory_budget_gib} GiB is too small for {n} rows of "
+        f"dimension {d} (the smallest IVF,PQ needs {size / 2**30:.2f} GiB)"
+    )
 
 
 def _tune_nprobe(recall, nlist: int, target: float, what: str) -> tuple[int, float]:
@@ -350,8 +410,7 @@ def _tune_nprobe(recall, nlist: int, target: float, what: str) -> tuple[int, flo
         value = recall(nprobe)
         if value >= target:
             return nprobe, value
-    logger.warning("%s: recall %.4f < target %.2f even with all %d lists probed",
-                   what, value, target, nlist)
+    logger.warning("%s: recall %.4f < target %.2f even with all %d lists probed", what, value, target, nlist)
     return nprobe, value
 
 
@@ -360,6 +419,11 @@ def _describe(index) -> str:
 
 
 def _knn_record(spec: KnnSpec) -> dict[str, Any]:
-    return {"method": "exact" if spec.exact else spec.method, "nprobe": spec.nprobe,
-            "ef_search": spec.ef_search, "train_size": spec.train_size,
-            "recall_sample": spec.recall_sample, "seed": spec.seed}
+    return {
+        "method": "exact" if spec.exact else spec.method,
+        "nprobe": spec.nprobe,
+        "ef_search": spec.ef_search,
+        "train_size": spec.train_size,
+        "recall_sample": spec.recall_sample,
+        "seed": spec.seed,
+    }

@@ -39,32 +39,55 @@ def _positive_int(text: str) -> int:
 
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("query expansion")
-    g.add_argument("--qe-k", type=_positive_int, default=10,
-                   help="neighbours averaged per row, the row itself included (default 10)")
+    g.add_argument(
+        "--qe-k",
+        type=_positive_int,
+        default=10,
+        help="neighbours averaged per row, the row itself included (default 10)",
+    )
     g.add_argument("--alpha", type=float, default=3.0, help="weight exponent (default 3.0)")
-    g.add_argument("--qe-times", type=_positive_int, default=1,
-                   help="expansion rounds (default 1)")
+    g.add_argument("--qe-times", type=_positive_int, default=1, help="expansion rounds (default 1)")
     g = p.add_argument_group("kNN graph")
-    g.add_argument("--knn", default="exact",
-                   help="'exact' (default) or a FAISS factory string, e.g. 'IVF4096,Flat', 'HNSW32'")
+    g.add_argument(
+        "--knn",
+        default="exact",
+        help="'exact' (default) or a FAISS factory string, e.g. 'IVF4096,Flat', 'HNSW32'",
+    )
     g.add_argument("--nprobe", type=_positive_int, help="IVF lists probed per search")
     g.add_argument("--ef-search", type=_positive_int, help="HNSW efSearch")
-    g.add_argument("--train-size", type=_positive_int,
-                   help="rows sampled to train an approximate index (default: 50 x nlist)")
-    g.add_argument("--recall-sample", type=_positive_int, default=1000,
-                   help="rows whose approximate neighbour sets are checked against exact kNN")
+    g.add_argument(
+        "--train-size",
+        type=_positive_int,
+        help="rows sampled to train an approximate index (default: 50 x nlist)",
+    )
+    g.add_argument(
+        "--recall-sample",
+        type=_positive_int,
+        default=1000,
+        help="rows whose approximate neighbour sets are checked against exact kNN",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of every sample (default 0)")
-    g.add_argument("--exact-kernel", choices=EXACT_KERNELS, default="auto",
-                   help="exact kNN: 'symmetric' (one GEMM per tile pair, both sides' top-k), "
-                   f"'faiss' (faiss.knn per block), 'auto' (symmetric from {SYMMETRIC_MIN_N} rows)")
-    g.add_argument("--batch-lists", action="store_true",
-                   help="with --knn 'IVF<nlist>,Flat': search list by list, one GEMM per inverted "
-                   "list (same neighbours as row-by-row search at the same --nprobe, faster)")
+    g.add_argument(
+        "--exact-kernel",
+        choices=EXACT_KERNELS,
+        default="auto",
+        help="exact kNN: 'symmetric' (one GEMM per tile pair, both sides' top-k), "
+        f"'faiss' (faiss.knn per block), 'auto' (symmetric from {SYMMETRIC_MIN_N} rows)",
+    )
+    g.add_argument(
+        "--batch-lists",
+        action="store_true",
+        help="with --knn 'IVF<nlist>,Flat': search list by list, one GEMM per inverted "
+        "list (same neighbours as row-by-row search at the same --nprobe, faster)",
+    )
     g = p.add_argument_group("resources")
-    g.add_argument("--block-size", type=_positive_int, default=DEFAULT_BLOCK_SIZE,
-                   help=f"rows per block; memory grows with it (default {DEFAULT_BLOCK_SIZE})")
-    g.add_argument("--threads", type=_positive_int,
-                   help="FAISS/OpenMP threads (default: all cores)")
+    g.add_argument(
+        "--block-size",
+        type=_positive_int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"rows per block; memory grows with it (default {DEFAULT_BLOCK_SIZE})",
+    )
+    g.add_argument("--threads", type=_positive_int, help="FAISS/OpenMP threads (default: all cores)")
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
@@ -73,19 +96,34 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
-    p.add_argument("--serving-index", default="exact",
-                   help="'exact' (default), 'auto' (exact when small, else IVF within "
-                   "--serving-memory-budget-gib) or a FAISS factory string for the served index")
+    p.add_argument(
+        "--serving-index",
+        default="exact",
+        help="'exact' (default), 'auto' (exact when small, else IVF within "
+        "--serving-memory-budget-gib) or a FAISS factory string for the served index",
+    )
     p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
     p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
-    p.add_argument("--serving-memory-budget-gib", type=float, default=4.0,
-                   help="--serving-index auto: the served index's size limit (default 4)")
-    p.add_argument("--serving-recall-target", type=float, default=0.95,
-                   help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)")
-    p.add_argument("--expansion-index", choices=EXPANSION_INDEXES, default="auto",
-                   help="what online expansion searches after an exact graph: 'auto' (default: "
-                   "exact when small, else the index --serving-index auto would build, nprobe "
-                   "tuned for the top qe_k - 1) or 'exact' (scan every row per query)")
+    p.add_argument(
+        "--serving-memory-budget-gib",
+        type=float,
+        default=4.0,
+        help="--serving-index auto: the served index's size limit (default 4)",
+    )
+    p.add_argument(
+        "--serving-recall-target",
+        type=float,
+        default=0.95,
+        help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)",
+    )
+    p.add_argument(
+        "--expansion-index",
+        choices=EXPANSION_INDEXES,
+        default="auto",
+        help="what online expansion searches after an exact graph: 'auto' (default: "
+        "exact when small, else the index --serving-index auto would build, nprobe "
+        "tuned for the top qe_k - 1) or 'exact' (scan every row per query)",
+    )
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
     _add_quality_options(p)
@@ -93,29 +131,46 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 def _add_quality_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
-        "quality gate", "measure mAP with and without expansion before publishing; refuse to "
-        "publish (exit 4) below a threshold. Needs --metadata with pid and camid columns.")
-    g.add_argument("--quality-sample", type=_positive_int,
-                   help="use this many gallery rows as labelled queries")
+        "quality gate",
+        "measure mAP with and without expansion before publishing; refuse to "
+        "publish (exit 4) below a threshold. Needs --metadata with pid and camid columns.",
+    )
+    g.add_argument(
+        "--quality-sample", type=_positive_int, help="use this many gallery rows as labelled queries"
+    )
     g.add_argument("--quality-queries", type=Path, help="labelled validation queries (.npy)")
     g.add_argument("--quality-labels", type=Path, help="CSV with pid,camid per validation query")
     g.add_argument("--pid-column", default="pid", help="metadata column of the identity")
     g.add_argument("--camid-column", default="camid", help="metadata column of the camera")
-    g.add_argument("--min-map-gain", type=float,
-                   help="refuse unless AQE mAP - raw mAP >= this (0: AQE must not lower mAP)")
-    g.add_argument("--min-graph-recall", type=float,
-                   help="refuse unless the kNN graph recall is at least this")
+    g.add_argument(
+        "--min-map-gain",
+        type=float,
+        help="refuse unless AQE mAP - raw mAP >= this (0: AQE must not lower mAP)",
+    )
+    g.add_argument(
+        "--min-graph-recall", type=float, help="refuse unless the kNN graph recall is at least this"
+    )
 
 
 def _quality_spec(args: argparse.Namespace) -> QualitySpec | None:
     gate = GateSpec(min_map_gain=args.min_map_gain, min_graph_recall=args.min_graph_recall)
-    wanted = (args.quality_sample or args.quality_queries or gate.min_map_gain is not None
-              or gate.min_graph_recall is not None)
+    wanted = (
+        args.quality_sample
+        or args.quality_queries
+        or gate.min_map_gain is not None
+        or gate.min_graph_recall is not None
+    )
     if not wanted:
         return None
-    return QualitySpec(gate=gate, queries=args.quality_queries, query_labels=args.quality_labels,
-                       sample=args.quality_sample or 500, pid_column=args.pid_column,
-                       camid_column=args.camid_column, seed=args.seed)
+    return QualitySpec(
+        gate=gate,
+        queries=args.quality_queries,
+        query_labels=args.quality_labels,
+        sample=args.quality_sample or 500,
+        pid_column=args.pid_column,
+        camid_column=args.camid_column,
+        seed=args.seed,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,26 +187,35 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="expand a gallery, index it and publish a version")
     _add_build_options(p)
-    p = sub.add_parser("nightly", help="the scheduled build: locked, records its outcome",
-                       description="A build that holds the root's lock (a concurrent run exits 3 "
-                       "and changes nothing) and records its outcome in the nightly status file.")
+    p = sub.add_parser(
+        "nightly",
+        help="the scheduled build: locked, records its outcome",
+        description="A build that holds the root's lock (a concurrent run exits 3 "
+        "and changes nothing) and records its outcome in the nightly status file.",
+    )
     _add_build_options(p)
 
-    p = sub.add_parser("evaluate", help="re-ID quality (mAP, CMC, mINP): raw vs AQE, both modes, "
-                       "exact vs approximate, the served path; a qe_k x alpha sweep")
+    p = sub.add_parser(
+        "evaluate",
+        help="re-ID quality (mAP, CMC, mINP): raw vs AQE, both modes, "
+        "exact vs approximate, the served path; a qe_k x alpha sweep",
+    )
     p.add_argument("--features", type=Path, required=True, help="labelled features (.npy)")
     p.add_argument("--metadata", type=Path, required=True, help="CSV with pid and camid columns")
     p.add_argument("--pid-column", default="pid")
     p.add_argument("--camid-column", default="camid")
     p.add_argument("--query-where", help="COLUMN=VALUE selecting query rows (default camid=0)")
     p.add_argument("--query-rows", type=Path, help="file of query row numbers instead")
-    p.add_argument("--max-queries", type=_positive_int, default=1000,
-                   help="seeded sample of the selected rows (default 1000)")
+    p.add_argument(
+        "--max-queries",
+        type=_positive_int,
+        default=1000,
+        help="seeded sample of the selected rows (default 1000)",
+    )
     p.add_argument("--served-k", type=_positive_int, default=100, help="K of the served mAP@K")
     p.add_argument("--serving-index", default="exact")
     p.add_argument("--serving-nprobe", type=_positive_int)
-    p.add_argument("--sweep-qe-k", default="1,2,3,5,10,20",
-                   help="qe_k values of the sweep ('' to skip)")
+    p.add_argument("--sweep-qe-k", default="1,2,3,5,10,20", help="qe_k values of the sweep ('' to skip)")
     p.add_argument("--sweep-alpha", default="1,3,5", help="alpha values of the sweep")
     p.add_argument("--json", type=Path, help="write the report here")
     p.add_argument("--plots", type=Path, help="write cmc.png and map_vs_qe_k.png here")
@@ -169,9 +233,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _knn_spec(args: argparse.Namespace) -> KnnSpec:
-    return KnnSpec(method=args.knn, nprobe=args.nprobe, ef_search=args.ef_search,
-                   train_size=args.train_size, recall_sample=args.recall_sample, seed=args.seed,
-                   exact_kernel=args.exact_kernel, batch_lists=args.batch_lists)
+    return KnnSpec(
+        method=args.knn,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        train_size=args.train_size,
+        recall_sample=args.recall_sample,
+        seed=args.seed,
+        exact_kernel=args.exact_kernel,
+        batch_lists=args.batch_lists,
+    )
 
 
 def _params(args: argparse.Namespace) -> AqeParams:
@@ -191,10 +262,15 @@ def cmd_expand(args: argparse.Namespace) -> int:
     tmp = args.output.with_name(f".{args.output.name}.expanding-{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, source.d))
     try:
-        _, report = expand_source(source, _params(args), _knn_spec(args),
-                                  block_size=args.block_size, out=out,
-                                  show_progress=False if args.no_progress else None,
-                                  label=str(args.input))
+        _, report = expand_source(
+            source,
+            _params(args),
+            _knn_spec(args),
+            block_size=args.block_size,
+            out=out,
+            show_progress=False if args.no_progress else None,
+            label=str(args.input),
+        )
         if nq:
             _write_npy(args.queries_out, out[:nq], args.block_size)
             _write_npy(args.output, out[nq:], args.block_size)
@@ -208,9 +284,15 @@ def cmd_expand(args: argparse.Namespace) -> int:
         tmp.unlink(missing_ok=True)
         raise
     recall = report.graph_recall
-    logger.info("expanded %d x %d (qe_k=%d effective, %d round(s))%s: %s", report.n, report.d,
-                report.effective_qe_k, len(report.rounds),
-                "" if recall is None else f", graph recall {recall:.4f}", args.output)
+    logger.info(
+        "expanded %d x %d (qe_k=%d effective, %d round(s))%s: %s",
+        report.n,
+        report.d,
+        report.effective_qe_k,
+        len(report.rounds),
+        "" if recall is None else f", graph recall {recall:.4f}",
+        args.output,
+    )
     return 0
 
 
@@ -227,15 +309,26 @@ def _write_npy(path: Path, rows: np.ndarray, block_size: int) -> None:
 def build_config(args: argparse.Namespace) -> BuildConfig:
     """The :class:`BuildConfig` of parsed ``build``/``nightly`` arguments."""
     return BuildConfig(
-        gallery=args.gallery, root=args.root, ids=args.ids, metadata=args.metadata,
-        params=_params(args), knn=_knn_spec(args),
-        serving=ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe,
-                            ef_search=args.serving_ef_search, seed=args.seed,
-                            memory_budget_gib=args.serving_memory_budget_gib,
-                            recall_target=args.serving_recall_target),
-        block_size=args.block_size, keep=args.keep, threads=args.threads,
+        gallery=args.gallery,
+        root=args.root,
+        ids=args.ids,
+        metadata=args.metadata,
+        params=_params(args),
+        knn=_knn_spec(args),
+        serving=ServingSpec(
+            method=args.serving_index,
+            nprobe=args.serving_nprobe,
+            ef_search=args.serving_ef_search,
+            seed=args.seed,
+            memory_budget_gib=args.serving_memory_budget_gib,
+            recall_target=args.serving_recall_target,
+        ),
+        block_size=args.block_size,
+        keep=args.keep,
+        threads=args.threads,
         show_progress=False if args.no_progress else None,
-        quality=_quality_spec(args), expansion_index=args.expansion_index,
+        quality=_quality_spec(args),
+        expansion_index=args.expansion_index,
     )
 
 
@@ -243,10 +336,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     config = build_config(args)
     manifest = build(config)
     summary = {
-        "version": manifest.version, "n": manifest.n, "d": manifest.d,
-        "effective_qe_k": manifest.effective_qe_k, "graph_recall": manifest.graph_recall,
+        "version": manifest.version,
+        "n": manifest.n,
+        "d": manifest.d,
+        "effective_qe_k": manifest.effective_qe_k,
+        "graph_recall": manifest.graph_recall,
         "serving_index": manifest.serving_index.index_type,
-        "serving_recall": manifest.serving_index.recall_at_k, "timings_s": manifest.timings_s,
+        "serving_recall": manifest.serving_index.recall_at_k,
+        "timings_s": manifest.timings_s,
     }
     print(json.dumps(summary, indent=2))
     return 0
@@ -266,12 +363,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     n = open_embeddings(args.features).n
     columns = read_metadata(args.metadata, n)
     labels = labels_from_columns(columns, args.pid_column, args.camid_column)
-    split = report.split_rows(columns, n, args.query_where, args.query_rows, args.max_queries,
-                              args.seed)
+    split = report.split_rows(columns, n, args.query_where, args.query_rows, args.max_queries, args.seed)
     result = report.evaluate(
-        args.features, columns, labels, split, _params(args), _knn_spec(args),
+        args.features,
+        columns,
+        labels,
+        split,
+        _params(args),
+        _knn_spec(args),
         ServingSpec(method=args.serving_index, nprobe=args.serving_nprobe, seed=args.seed),
-        args.served_k, [int(v) for v in args.sweep_qe_k.split(",") if v],
+        args.served_k,
+        [int(v) for v in args.sweep_qe_k.split(",") if v],
         [float(v) for v in args.sweep_alpha.split(",") if v],
     )
     print(report.format_table(result))
@@ -291,8 +393,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         mark = "* " if v == current else "  "
         try:
             m = artifact.read_manifest(args.root, v)
-            print(f"{mark}{v:<34}{m.created_at:%Y-%m-%d %H:%M:%S}  {m.n:>10}{m.d:>6}  "
-                  f"{m.serving_index.index_type}")
+            print(
+                f"{mark}{v:<34}{m.created_at:%Y-%m-%d %H:%M:%S}  {m.n:>10}{m.d:>6}  "
+                f"{m.serving_index.index_type}"
+            )
         except ArtifactError as exc:
             print(f"{mark}{v:<34}UNREADABLE: {exc}")
     return 0
@@ -315,16 +419,24 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"expand": cmd_expand, "build": cmd_build, "nightly": cmd_nightly,
-            "evaluate": cmd_evaluate, "list": cmd_list, "verify": cmd_verify,
-            "rollback": cmd_rollback}
+COMMANDS = {
+    "expand": cmd_expand,
+    "build": cmd_build,
+    "nightly": cmd_nightly,
+    "evaluate": cmd_evaluate,
+    "list": cmd_list,
+    "verify": cmd_verify,
+    "rollback": cmd_rollback,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``index-builder`` console script."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if getattr(args, "threads", None):
         faiss.omp_set_num_threads(args.threads)
     try:

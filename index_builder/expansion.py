@@ -96,9 +96,7 @@ def load_normalized(
         for start, block in source.blocks(block_size):
             # Stop at the first block with bad rows: naming them beats reading the rest.
             raise_for_bad_rows(label, *bad_rows(block, start))
-            u[start : start + len(block)], norms[start : start + len(block)] = (
-                aqe.normalize_rows(block)
-            )
+            u[start : start + len(block)], norms[start : start + len(block)] = aqe.normalize_rows(block)
             update(len(block))
     return u, norms
 
@@ -137,8 +135,9 @@ def expand_source(
         with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
             result = self_knn(u, k, knn, block_size, update)
         if result.recall is not None:
-            logger.info("round %d: graph recall@%d %.4f on %d rows", t, k, result.recall,
-                        result.recall_sample)
+            logger.info(
+                "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample
+            )
         if on_level:
             on_level(t - 1, u, norms, result)
         t1 = time.perf_counter()
@@ -151,8 +150,7 @@ def expand_source(
                 x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
                 update(hi - lo)
         report.rounds.append(
-            RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall,
-                        result.recall_sample)
+            RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall, result.recall_sample)
         )
         if not last:
             # x becomes the next level's normalised rows in place: raw = norm * u.

@@ -65,8 +65,7 @@ class EmbeddingSource:
     def concat(self, other: EmbeddingSource) -> EmbeddingSource:
         """This source's rows followed by ``other``'s (same d; dtypes may differ)."""
         if other.d != self.d:
-            raise InputError(f"{other.paths[0]}: dimension {other.d} differs from "
-                             f"{self.paths[0]}'s {self.d}")
+            raise InputError(f"{other.paths[0]}: dimension {other.d} differs from {self.paths[0]}'s {self.d}")
         return EmbeddingSource(self.shards + other.shards, self.paths + other.paths)
 
 
@@ -121,9 +120,7 @@ def _check_compatible(shards: Sequence[np.ndarray], paths: Sequence[Path]) -> No
     first = shards[0]
     for arr, p in zip(shards[1:], paths[1:], strict=True):
         if arr.shape[1] != first.shape[1]:
-            raise InputError(
-                f"{p}: dimension {arr.shape[1]} differs from {paths[0]}'s {first.shape[1]}"
-            )
+            raise InputError(f"{p}: dimension {arr.shape[1]} differs from {paths[0]}'s {first.shape[1]}")
         if arr.dtype != first.dtype:
             raise InputError(f"{p}: dtype {arr.dtype} differs from {paths[0]}'s {first.dtype}")
 

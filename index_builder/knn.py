@@ -96,8 +96,9 @@ class KnnResult:
     index: Any = None
 
 
-def build_index(u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None,
-                add: bool = True):
+def build_index(
+    u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None, add: bool = True
+):
     """A trained FAISS inner-product index over ``u`` (n, d) float32, built from ``spec.method``.
 
     With ``add=False`` the index is trained but left empty.
@@ -233,12 +234,17 @@ def add_columns(heap, s: np.ndarray, a0: int, b0: int, bound: np.ndarray) -> Non
     rows, cols = np.divmod(flat, bj)
     subset, ids = cols + b0, rows + a0
     # one value per entry, rows repeated: safe because tile workers run FAISS serially (_run)
-    heap.heaps.addn_query_subset_with_ids(values.size, swig_ptr(subset), 1, swig_ptr(values),
-                                          swig_ptr(ids), 1)
+    heap.heaps.addn_query_subset_with_ids(
+        values.size, swig_ptr(subset), 1, swig_ptr(values), swig_ptr(ids), 1
+    )
 
 
 def batch_self_knn(
-    index, u: np.ndarray, k: int, nprobe: int | None, block_size: int,
+    index,
+    u: np.ndarray,
+    k: int,
+    nprobe: int | None,
+    block_size: int,
     progress: Progress | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fill the trained, empty ``IndexIVFFlat`` ``index`` with ``u`` and batch-search it.
@@ -266,8 +272,13 @@ def coarse_assignment(index, u: np.ndarray, nprobe: int, block_size: int) -> np.
 
 
 def batch_list_search(
-    index, u: np.ndarray, k: int, nprobe: int | None, block_size: int,
-    progress: Progress | None = None, assign: np.ndarray | None = None,
+    index,
+    u: np.ndarray,
+    k: int,
+    nprobe: int | None,
+    block_size: int,
+    progress: Progress | None = None,
+    assign: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of every row of ``u`` in the ``IndexIVFFlat`` ``index`` over ``u``, list by list.
 
@@ -300,8 +311,9 @@ def batch_list_search(
         lst, q0, q1 = task
         ids, rows = list_ids[lst], queries[q0:q1].astype(np.int64)
         s = u[rows] @ u[ids].T
-        heaps[slot].heaps.addn_query_subset_with_ids(len(rows), swig_ptr(rows), len(ids),
-                                                     swig_ptr(s), swig_ptr(ids), 0)
+        heaps[slot].heaps.addn_query_subset_with_ids(
+            len(rows), swig_ptr(rows), len(ids), swig_ptr(s), swig_ptr(ids), 0
+        )
 
     ticker = _Ticker(progress, n, len(queries))
     with _single_threaded_blas(workers):
@@ -337,8 +349,9 @@ class _Ticker:
         self.reported = rows
 
 
-def _run(tasks: Sequence, work: Callable[[Any, int], None], workers: int,
-         done: Callable[[Any], None]) -> None:
+def _run(
+    tasks: Sequence, work: Callable[[Any, int], None], workers: int, done: Callable[[Any], None]
+) -> None:
     """``work(task, slot)`` for every task on ``workers`` threads (slot = the worker's number).
 
     Always in threads of their own, even one: each sets its own OpenMP thread count to 1, so
@@ -376,8 +389,7 @@ def _merge(heaps: list) -> tuple[np.ndarray, np.ndarray]:
     """Fold per-worker heaps into the first; (sims, ids) sorted best first."""
     first = heaps[0]
     for other in heaps[1:]:
-        first.heaps.addn_with_ids(first.k, swig_ptr(other.D), swig_ptr(other.I), first.k, 0,
-                                  first.nq)
+        first.heaps.addn_with_ids(first.k, swig_ptr(other.D), swig_ptr(other.I), first.k, 0, first.nq)
     first.finalize()
     return first.D, first.I
 
@@ -408,8 +420,7 @@ def _list_ids(invlists, lst: int) -> np.ndarray:
 
 def _factory(d: int, spec: KnnSpec):
     try:
-        return faiss.index_factory(d, "Flat" if spec.exact else spec.method,
-                                   faiss.METRIC_INNER_PRODUCT)
+        return faiss.index_factory(d, "Flat" if spec.exact else spec.method, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:
         raise KnnConfigError(f"FAISS cannot build index {spec.method!r}: {_first_line(exc)}") from exc
 

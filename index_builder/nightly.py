@@ -34,7 +34,6 @@ from index_builder.build import BuildConfig, build
 logger = logging.getLogger(__name__)
 
 
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -53,15 +52,22 @@ def exclusive_lock(root: Path) -> Iterator[None]:
             holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             raise LockedError(f"{root}: another build holds {path.name} ({holder})") from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{_utcnow():%Y-%m-%dT%H:%M:%SZ}\n".encode(), 0)
+        os.pwrite(
+            fd,
+            f"pid {os.getpid()} on {socket.gethostname()} since {_utcnow():%Y-%m-%dT%H:%M:%SZ}\n".encode(),
+            0,
+        )
         yield
     finally:
         os.close(fd)  # closing releases the lock; the file stays so that it is never raced
 
 
-def run_nightly(config: BuildConfig, *, build_fn: Callable[[BuildConfig], Any] = build,
-                clock: Callable[[], datetime] = _utcnow) -> tuple[int, NightlyStatus | None]:
+def run_nightly(
+    config: BuildConfig,
+    *,
+    build_fn: Callable[[BuildConfig], Any] = build,
+    clock: Callable[[], datetime] = _utcnow,
+) -> tuple[int, NightlyStatus | None]:
     """One locked build run that records its outcome; returns (exit code, status written).
 
     ``build_fn`` and ``clock`` are seams for tests. A refused run returns ``(EXIT_LOCKED, None)``.
@@ -74,14 +80,16 @@ def run_nightly(config: BuildConfig, *, build_fn: Callable[[BuildConfig], Any] =
         return EXIT_LOCKED, None
 
 
-def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
-                clock: Callable[[], datetime]) -> tuple[int, NightlyStatus]:
+def _locked_run(
+    config: BuildConfig, build_fn: Callable[[BuildConfig], Any], clock: Callable[[], datetime]
+) -> tuple[int, NightlyStatus]:
     root = config.root
     previous = artifact.load_status(root)
     status = NightlyStatus(host=socket.gethostname(), pid=os.getpid(), last_run_started=clock())
     if previous is not None:  # carry the history over
-        status = previous.model_copy(update=status.model_dump(
-            include={"format_version", "host", "pid", "last_run_started"}))
+        status = previous.model_copy(
+            update=status.model_dump(include={"format_version", "host", "pid", "last_run_started"})
+        )
     artifact.write_status(root, status)  # visible as "running": started after the last finish
     logger.info("nightly build of %s into %s started", config.gallery, root)
     t0 = time.perf_counter()
@@ -93,8 +101,12 @@ def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
         status.consecutive_failures += 1
         _finish(root, status, ok=False, started=t0, clock=clock)
         current = artifact.current_version(root)
-        logger.error("nightly build failed (%d in a row; %s): %s", status.consecutive_failures,
-                     f"{current} stays current" if current else "nothing published yet", exc)
+        logger.error(
+            "nightly build failed (%d in a row; %s): %s",
+            status.consecutive_failures,
+            f"{current} stays current" if current else "nothing published yet",
+            exc,
+        )
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt, SystemExit: recorded, then let them end the process
         return code, status
@@ -105,8 +117,9 @@ def _locked_run(config: BuildConfig, build_fn: Callable[[BuildConfig], Any],
     return EXIT_OK, status
 
 
-def _finish(root: Path, status: NightlyStatus, *, ok: bool, started: float,
-            clock: Callable[[], datetime]) -> None:
+def _finish(
+    root: Path, status: NightlyStatus, *, ok: bool, started: float, clock: Callable[[], datetime]
+) -> None:
     status.last_run_finished = clock()
     status.last_run_ok = ok
     status.duration_s = round(time.perf_counter() - started, 3)

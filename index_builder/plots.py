@@ -26,8 +26,7 @@ def cmc_curves(table: dict[str, dict[str, Any]], out: Path, max_rank: int = 20) 
         if cmc:
             ranks = range(1, min(max_rank, len(cmc)) + 1)
             ax.plot(list(ranks), cmc[: len(ranks)], marker=".", label=f"{name} (mAP {row['mAP']:.3f})")
-    return _save(plt, fig, ax, out, "rank", "CMC (match rate)",
-                 "CMC: raw vs alpha-weighted query expansion")
+    return _save(plt, fig, ax, out, "rank", "CMC (match rate)", "CMC: raw vs alpha-weighted query expansion")
 
 
 def map_vs_qe_k(grid: list[dict[str, Any]], raw_map: float, out: Path) -> Path:

@@ -32,8 +32,14 @@ class _LogProgress:
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             logger.info(
                 "%s: %d/%d %s (%.0f%%), %.0f %s/s, ETA %.0fs",
-                self.phase, self.done, self.total, self.unit,
-                100.0 * self.done / max(self.total, 1), rate, self.unit, eta,
+                self.phase,
+                self.done,
+                self.total,
+                self.unit,
+                100.0 * self.done / max(self.total, 1),
+                rate,
+                self.unit,
+                eta,
             )
 
 

@@ -44,8 +44,7 @@ class Labels:
         return Labels(self.pids[rows], self.camids[rows])
 
 
-def labels_from_columns(columns: dict[str, np.ndarray], pid: str = "pid",
-                        camid: str = "camid") -> Labels:
+def labels_from_columns(columns: dict[str, np.ndarray], pid: str = "pid", camid: str = "camid") -> Labels:
     """Labels from metadata columns ``pid`` and ``camid`` (integers)."""
     for name in (pid, camid):
         if name not in columns:
@@ -55,15 +54,20 @@ def labels_from_columns(columns: dict[str, np.ndarray], pid: str = "pid",
     return Labels(np.asarray(columns[pid]), np.asarray(columns[camid]))
 
 
-def cosine_metrics(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels,
-                   max_rank: int = 50) -> ReidMetrics:
+def cosine_metrics(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, max_rank: int = 50) -> ReidMetrics:
     """Metrics of ranking the gallery ``xg`` (G, d) by cosine to each query ``xq`` (Q, d)."""
     uq, _ = aqe.normalize_rows(xq)
     ug, _ = aqe.normalize_rows(xg)
     block = max(1, SIM_BLOCK_ELEMENTS // max(len(ug), 1))
     parts = [
-        rank_metrics(uq[lo : lo + block] @ ug.T, q.pids[lo : lo + block], g.pids,
-                     q.camids[lo : lo + block], g.camids, max_rank=max_rank)
+        rank_metrics(
+            uq[lo : lo + block] @ ug.T,
+            q.pids[lo : lo + block],
+            g.pids,
+            q.camids[lo : lo + block],
+            g.camids,
+            max_rank=max_rank,
+        )
         for lo in range(0, len(uq), block)
     ]
     return combine(parts)
@@ -79,7 +83,8 @@ def combine(parts: list[ReidMetrics]) -> ReidMetrics:
         mean_ap=float(sum(wi * p.mean_ap for wi, p in zip(w, parts, strict=True))),
         mean_inp=float(sum(wi * p.mean_inp for wi, p in zip(w, parts, strict=True))),
         cmc=np.sum([wi * p.cmc[:width] for wi, p in zip(w, parts, strict=True)], axis=0),
-        num_valid=valid, num_skipped=skipped,
+        num_valid=valid,
+        num_skipped=skipped,
     )
 
 
@@ -93,28 +98,35 @@ class ServingGallery:
     effective_qe_k: int
 
 
-def serving_gallery(xg: np.ndarray, params: AqeParams, knn: KnnSpec | None = None,
-                    block_size: int = 16384) -> ServingGallery:
+def serving_gallery(
+    xg: np.ndarray, params: AqeParams, knn: KnnSpec | None = None, block_size: int = 16384
+) -> ServingGallery:
     """Expand the gallery alone and keep each level for online query expansion."""
     knn = knn or KnnSpec()
     levels: list[GalleryLevel] = []
 
     def keep(level: int, rows: np.ndarray, norms: np.ndarray, result: KnnResult) -> None:
-        levels.append(gallery_level(rows.copy(), norms.copy(), result.index, knn.nprobe,
-                                    knn.ef_search))
+        levels.append(gallery_level(rows.copy(), norms.copy(), result.index, knn.nprobe, knn.ef_search))
 
-    x, report = expand_source(as_source(xg), params, knn, block_size=block_size, on_level=keep,
-                              show_progress=False)
+    x, report = expand_source(
+        as_source(xg), params, knn, block_size=block_size, on_level=keep, show_progress=False
+    )
     return ServingGallery(x, levels, report.graph_recall, report.effective_qe_k)
 
 
-def compare(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, params: AqeParams,
-            knn: KnnSpec | None = None, max_rank: int = 50) -> dict[str, Any]:
+def compare(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    q: Labels,
+    g: Labels,
+    params: AqeParams,
+    knn: KnnSpec | None = None,
+    max_rank: int = 50,
+) -> dict[str, Any]:
     """The side-by-side table: raw, transductive AQE, serving AQE (exact and ``knn``)."""
     rows: dict[str, Any] = {"raw": cosine_metrics(xq, xg, q, g, max_rank).as_dict()}
     both, _ = expand_source(as_source(xq).concat(as_source(xg)), params, show_progress=False)
-    rows["aqe-transductive"] = cosine_metrics(both[: len(xq)], both[len(xq) :], q, g,
-                                              max_rank).as_dict()
+    rows["aqe-transductive"] = cosine_metrics(both[: len(xq)], both[len(xq) :], q, g, max_rank).as_dict()
     specs = [("exact", KnnSpec())]
     if knn is not None and not knn.exact:
         specs.append((knn.method + (f" nprobe={knn.nprobe}" if knn.nprobe else ""), knn))
@@ -127,19 +139,23 @@ def compare(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, params: AqePar
     return rows
 
 
-def sweep(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, qe_ks: list[int],
-          alphas: list[float], qe_times: int = 1) -> list[dict[str, Any]]:
+def sweep(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    q: Labels,
+    g: Labels,
+    qe_ks: list[int],
+    alphas: list[float],
+    qe_times: int = 1,
+) -> list[dict[str, Any]]:
     """Serving-mode mAP and rank-1 over a grid of ``qe_k`` x ``alpha`` (exact kNN)."""
     out = []
     for k in qe_ks:
         for a in alphas:
             sg = serving_gallery(xg, AqeParams(qe_k=k, alpha=a, qe_times=qe_times))
-            m = cosine_metrics(expand_online(xq, sg.levels, sg.effective_qe_k, a),
-                               sg.expanded, q, g)
-            out.append({"qe_k": k, "alpha": a, "mAP": m.mean_ap, "rank1": m.rank(1),
-                        "mINP": m.mean_inp})
-            logger.info("sweep qe_k=%d alpha=%g: mAP %.4f rank-1 %.4f", k, a, m.mean_ap,
-                        m.rank(1))
+            m = cosine_metrics(expand_online(xq, sg.levels, sg.effective_qe_k, a), sg.expanded, q, g)
+            out.append({"qe_k": k, "alpha": a, "mAP": m.mean_ap, "rank1": m.rank(1), "mINP": m.mean_inp})
+            logger.info("sweep qe_k=%d alpha=%g: mAP %.4f rank-1 %.4f", k, a, m.mean_ap, m.rank(1))
     return out
 
 
@@ -151,19 +167,26 @@ class GateSpec:
     min_graph_recall: float | None = None
 
 
-def gate_check(raw: ReidMetrics, expanded: ReidMetrics, graph_recall: float | None,
-               spec: GateSpec) -> dict[str, Any]:
+def gate_check(
+    raw: ReidMetrics, expanded: ReidMetrics, graph_recall: float | None, spec: GateSpec
+) -> dict[str, Any]:
     """The gate's record: measured figures, thresholds, reasons for refusal (empty: passed)."""
     gain = expanded.mean_ap - raw.mean_ap
     reasons = []
     if spec.min_map_gain is not None and gain < spec.min_map_gain:
-        reasons.append(f"AQE changes mAP by {gain:+.4f} ({raw.mean_ap:.4f} -> "
-                       f"{expanded.mean_ap:.4f}), below the required {spec.min_map_gain:+.4f}")
+        reasons.append(
+            f"AQE changes mAP by {gain:+.4f} ({raw.mean_ap:.4f} -> "
+            f"{expanded.mean_ap:.4f}), below the required {spec.min_map_gain:+.4f}"
+        )
     if spec.min_graph_recall is not None and (graph_recall or 1.0) < spec.min_graph_recall:
-        reasons.append(f"graph recall {graph_recall:.4f} is below the required "
-                       f"{spec.min_graph_recall:.4f}")
+        reasons.append(f"graph recall {graph_recall:.4f} is below the required {spec.min_graph_recall:.4f}")
     return {
-        "raw": raw.as_dict() | {"cmc": None}, "aqe": expanded.as_dict() | {"cmc": None},
-        "map_gain": gain, "graph_recall": graph_recall, "min_map_gain": spec.min_map_gain,
-        "min_graph_recall": spec.min_graph_recall, "passed": not reasons, "reasons": reasons,
+        "raw": raw.as_dict() | {"cmc": None},
+        "aqe": expanded.as_dict() | {"cmc": None},
+        "map_gain": gain,
+        "graph_recall": graph_recall,
+        "min_map_gain": spec.min_map_gain,
+        "min_graph_recall": spec.min_graph_recall,
+        "passed": not reasons,
+        "reasons": reasons,
     }

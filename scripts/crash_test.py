@@ -66,15 +66,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=20_000)
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--small-rows", type=int, default=300)
-    p.add_argument("--uniform-share", type=float, default=0.4,
-                   help="share of kills at a uniform random time (the rest: after a phase's file)")
-    p.add_argument("--recover-every", type=int, default=4,
-                   help="an unkilled run after this many kills")
+    p.add_argument(
+        "--uniform-share",
+        type=float,
+        default=0.4,
+        help="share of kills at a uniform random time (the rest: after a phase's file)",
+    )
+    p.add_argument("--recover-every", type=int, default=4, help="an unkilled run after this many kills")
     p.add_argument("--keep", type=int, default=3, help="--keep of every build")
-    p.add_argument("--launcher", choices=["exec", "fork"], default="exec",
-                   help="exec: each build is `python -m index_builder.cli build` (default); "
-                   "fork: each build is cli.main() in a process forked from a server that has "
-                   "imported the builder (same code path, no interpreter start: for CI)")
+    p.add_argument(
+        "--launcher",
+        choices=["exec", "fork"],
+        default="exec",
+        help="exec: each build is `python -m index_builder.cli build` (default); "
+        "fork: each build is cli.main() in a process forked from a server that has "
+        "imported the builder (same code path, no interpreter start: for CI)",
+    )
     p.add_argument("--no-faults", action="store_true", help="skip the full-disk and input cases")
     p.add_argument("--fault-timeout", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
@@ -90,10 +97,15 @@ def write_gallery(directory: Path, n: int, d: int, seed: int) -> list[str]:
     x = centres[np.arange(n) // 6] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
     np.save(directory / "gallery.npy", x.astype(np.float32))
     (directory / "ids.txt").write_text("".join(f"item-{i:06d}\n" for i in range(n)))
-    (directory / "meta.csv").write_text("camera,label\n"
-                                        + "".join(f"{i % 6},p{i // 6}\n" for i in range(n)))
-    return ["--gallery", str(directory / "gallery.npy"), "--ids", str(directory / "ids.txt"),
-            "--metadata", str(directory / "meta.csv")]
+    (directory / "meta.csv").write_text("camera,label\n" + "".join(f"{i % 6},p{i // 6}\n" for i in range(n)))
+    return [
+        "--gallery",
+        str(directory / "gallery.npy"),
+        "--ids",
+        str(directory / "ids.txt"),
+        "--metadata",
+        str(directory / "meta.csv"),
+    ]
 
 
 LAUNCHER = "exec"
@@ -101,13 +113,25 @@ LAUNCHER = "exec"
 
 def builder(inputs: list[str], root: Path, keep: int, log: Path):
     """Start one build; returns a handle with ``pid``, ``poll()``, ``wait()``, ``returncode``."""
-    argv = ["build", *inputs, "--root", str(root), "--keep", str(keep), "--threads", "1",
-            "--no-progress", "--qe-k", "5"]
+    argv = [
+        "build",
+        *inputs,
+        "--root",
+        str(root),
+        "--keep",
+        str(keep),
+        "--threads",
+        "1",
+        "--no-progress",
+        "--qe-k",
+        "5",
+    ]
     if LAUNCHER == "fork":
         return _Forked(argv, log)
     with log.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "index_builder.cli", *argv], cwd=REPO,
-                                stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "index_builder.cli", *argv], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
 
 
 def _run_cli(argv: list[str], log: str) -> None:
@@ -172,8 +196,7 @@ def phase_at_kill(root: Path, pid: int, before: set[str], current_before: str | 
         names = {p.name for p in stage.iterdir()}
         if any(n.startswith(f".{artifact.MANIFEST}") or n == artifact.MANIFEST for n in names):
             return "publish: manifest written"
-        if "serving.faiss" in names and "ids.npy" in names and any(
-                n.startswith("meta_") for n in names):
+        if "serving.faiss" in names and "ids.npy" in names and any(n.startswith("meta_") for n in names):
             return "publish: checksums + fsync"
         if "serving.faiss" in names:
             return "saving ids / metadata"
@@ -182,8 +205,7 @@ def phase_at_kill(root: Path, pid: int, before: set[str], current_before: str | 
         return "kNN graph"
     if new:
         cur = artifact.current_version(root)
-        return ("publish: switched current, pruning" if cur in new
-                else "publish: renamed, before current")
+        return "publish: switched current, pruning" if cur in new else "publish: renamed, before current"
     if artifact.current_version(root) != current_before:
         return "publish: switched current, pruning"
     return "start-up + input checks"
@@ -228,15 +250,17 @@ def measure(inputs: list[str], work: Path, keep: int) -> float:
         t0 = time.monotonic()
         proc = builder(inputs, root, keep, work / "timing.log")
         if proc.wait() != 0:
-            raise SystemExit(f"crash_test: an uninterrupted build failed:\n"
-                             f"{(work / 'timing.log').read_text()[-3000:]}")
+            raise SystemExit(
+                f"crash_test: an uninterrupted build failed:\n{(work / 'timing.log').read_text()[-3000:]}"
+            )
         took.append(time.monotonic() - t0)
     shutil.rmtree(root)
     return took[-1]
 
 
-def kill_run(inputs: list[str], root: Path, keep: int, log: Path, rng: random.Random,
-             trigger: str, duration: float) -> dict:
+def kill_run(
+    inputs: list[str], root: Path, keep: int, log: Path, rng: random.Random, trigger: str, duration: float
+) -> dict:
     """Start a build, SIGKILL it at the chosen moment; returns what happened."""
     before, current_before = versions(root), artifact.current_version(root)
     dead_before = {p.name for p in root.glob(f"{artifact.STAGING_PREFIX}*")} if root.exists() else set()
@@ -259,15 +283,20 @@ def kill_run(inputs: list[str], root: Path, keep: int, log: Path, rng: random.Ra
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.monotonic() - t0
-    phase = "completed before the kill" if finished else phase_at_kill(root, proc.pid, before,
-                                                                        current_before)
+    phase = "completed before the kill" if finished else phase_at_kill(root, proc.pid, before, current_before)
     own = staging_of(root, proc.pid)
     # Staging directories of earlier dead runs must be gone once this run made its own.
     leftovers = sorted(dead_before & {p.name for p in root.glob(f"{artifact.STAGING_PREFIX}*")})
-    return {"trigger": trigger, "killed_at_s": round(killed_at, 3), "phase": phase,
-            "exit": proc.returncode, "problems": check_root(root),
-            "not_cleaned": leftovers if own is not None or finished else [],
-            "incomplete_versions": incomplete_versions(root), "stray_files": stray_files(root)}
+    return {
+        "trigger": trigger,
+        "killed_at_s": round(killed_at, 3),
+        "phase": phase,
+        "exit": proc.returncode,
+        "problems": check_root(root),
+        "not_cleaned": leftovers if own is not None or finished else [],
+        "incomplete_versions": incomplete_versions(root),
+        "stray_files": stray_files(root),
+    }
 
 
 KNOWN = {artifact.CURRENT, artifact.VERSIONS, artifact.STATUS, artifact.LOCK}
@@ -277,8 +306,11 @@ def stray_files(root: Path) -> list[str]:
     """Entries of the root that are neither the format's own nor a staging directory."""
     if not root.exists():
         return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.name not in KNOWN and not p.name.startswith(artifact.STAGING_PREFIX))
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.name not in KNOWN and not p.name.startswith(artifact.STAGING_PREFIX)
+    )
 
 
 def recover(inputs: list[str], root: Path, keep: int, log: Path) -> dict:
@@ -303,8 +335,18 @@ def recover(inputs: list[str], root: Path, keep: int, log: Path) -> dict:
 def run_fault(name: str, args_: list[str], root: Path, timeout: float, expect: str) -> dict:
     """Run a build that must fail cleanly; check exit, message, and that nothing changed."""
     before = (artifact.current_version(root), versions(root)) if root.exists() else (None, set())
-    cmd = [sys.executable, "-m", "index_builder.cli", "build", *args_, "--root", str(root),
-           "--no-progress", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "index_builder.cli",
+        "build",
+        *args_,
+        "--root",
+        str(root),
+        "--no-progress",
+        "--threads",
+        "1",
+    ]
     try:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
         rc, err = proc.returncode, proc.stderr
@@ -325,7 +367,7 @@ def run_fault(name: str, args_: list[str], root: Path, timeout: float, expect: s
         problems.append("something was published")
     if root.exists() and list(root.glob(f"{artifact.STAGING_PREFIX}*")):
         problems.append("staging left behind")
-    last = (errors[-1] if errors else err.strip().splitlines()[-1] if err.strip() else "")
+    last = errors[-1] if errors else err.strip().splitlines()[-1] if err.strip() else ""
     return {"case": name, "exit": rc, "message": last[-300:], "problems": problems}
 
 
@@ -359,14 +401,13 @@ def full_disk(work: Path, inputs: list[str], timeout: float) -> dict:
     """A build into a 2 MiB tmpfs (skipped where mount is not allowed)."""
     mnt = work / "tiny-fs"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
-        return {"case": "full disk (2 MiB tmpfs)", "skipped": mounted.stderr.strip()[:200],
-                "problems": []}
+        return {"case": "full disk (2 MiB tmpfs)", "skipped": mounted.stderr.strip()[:200], "problems": []}
     try:
-        return run_fault("full disk (2 MiB tmpfs)", inputs, mnt / "root", timeout,
-                         "No space left on device")
+        return run_fault("full disk (2 MiB tmpfs)", inputs, mnt / "root", timeout, "No space left on device")
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 
@@ -412,9 +453,9 @@ def run(args: argparse.Namespace, rng: random.Random, work: Path) -> dict:
     root, log = work / "root", work / "builds.log"
     kills: list[dict] = []
     recoveries: list[dict] = []
-    runs: list[tuple[list[str], str, str]] = (
-        [(big, "big", t) for t in plan(args.kills, args.uniform_share, rng)]
-        + [(small, "small", t) for t in plan(args.small_kills, args.uniform_share, rng)])
+    runs: list[tuple[list[str], str, str]] = [
+        (big, "big", t) for t in plan(args.kills, args.uniform_share, rng)
+    ] + [(small, "small", t) for t in plan(args.small_kills, args.uniform_share, rng)]
     retries = len(runs) // 2  # a run that finished before its kill is run again, this often
     i = 0
     while i < len(runs):
@@ -436,18 +477,26 @@ def run(args: argparse.Namespace, rng: random.Random, work: Path) -> dict:
         "faults_fail_cleanly": all(not f["problems"] for f in fault_results),
         "enough_kills": len(killed) >= min(20, args.kills + args.small_kills),
     }
-    return {"durations_s": {k: round(v, 2) for k, v in durations.items()},
-            "kills": kills, "recoveries": recoveries, "faults": fault_results,
-            "killed": len(killed), "phases": dict(Counter(k["phase"] for k in kills)),
-            "incomplete_versions_seen": sorted({v for k in kills for v in k["incomplete_versions"]}),
-            "stray_files_seen": sorted({f for k in kills for f in k["stray_files"]}),
-            "checks": checks, "passed": all(checks.values())}
+    return {
+        "durations_s": {k: round(v, 2) for k, v in durations.items()},
+        "kills": kills,
+        "recoveries": recoveries,
+        "faults": fault_results,
+        "killed": len(killed),
+        "phases": dict(Counter(k["phase"] for k in kills)),
+        "incomplete_versions_seen": sorted({v for k in kills for v in k["incomplete_versions"]}),
+        "stray_files_seen": sorted({f for k in kills for f in k["stray_files"]}),
+        "checks": checks,
+        "passed": all(checks.values()),
+    }
 
 
 def report(r: dict) -> str:
     timing = ", ".join(f"{v}s ({k})" for k, v in r["durations_s"].items())
-    lines = [f"uninterrupted build: {timing}; {r['killed']} runs killed, "
-             f"{len(r['recoveries'])} recovery runs", "phases hit:"]
+    lines = [
+        f"uninterrupted build: {timing}; {r['killed']} runs killed, {len(r['recoveries'])} recovery runs",
+        "phases hit:",
+    ]
     lines += [f"  {n:>3}  {phase}" for phase, n in sorted(r["phases"].items(), key=lambda x: x[0])]
     for k in r["kills"]:
         for p in k["problems"] + [f"not cleaned: {x}" for x in k["not_cleaned"]]:
@@ -455,15 +504,20 @@ def report(r: dict) -> str:
     for rec in r["recoveries"]:
         lines += [f"  recovery: {p}" for p in rec["problems"]]
     if r["incomplete_versions_seen"]:
-        lines.append(f"  note: non-current versions left incomplete (a prune cut short): "
-                     f"{r['incomplete_versions_seen']}")
+        lines.append(
+            f"  note: non-current versions left incomplete (a prune cut short): "
+            f"{r['incomplete_versions_seen']}"
+        )
     if r["stray_files_seen"]:
         lines.append(f"  note: stray files left in the root: {r['stray_files_seen']}")
     if r["faults"]:
         lines.append("faults:")
     for f in r["faults"]:
-        state = ("skipped: " + f["skipped"]) if "skipped" in f else (
-            "ok" if not f["problems"] else "FAIL: " + "; ".join(f["problems"]))
+        state = (
+            ("skipped: " + f["skipped"])
+            if "skipped" in f
+            else ("ok" if not f["problems"] else "FAIL: " + "; ".join(f["problems"]))
+        )
         lines.append(f"  {f['case']:<32} exit {f.get('exit')!s:<5} {state}")
         if f.get("message"):
             lines.append(f"      {f['message'][:160]}")

@@ -36,8 +36,9 @@ def _get(url: str) -> tuple[int, dict]:
 
 
 def _post(url: str, body: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.load(r)
 
@@ -50,9 +51,20 @@ def main() -> int:
     p.add_argument("--query-row", type=int, default=1234, help="demo row used as the query")
     args = p.parse_args()
 
-    build = [sys.executable, "-m", "index_builder.cli", "build",
-             "--gallery", str(DATA / "features.npy"), "--ids", str(DATA / "ids.txt"),
-             "--metadata", str(DATA / "metadata.csv"), "--root", str(args.root)]
+    build = [
+        sys.executable,
+        "-m",
+        "index_builder.cli",
+        "build",
+        "--gallery",
+        str(DATA / "features.npy"),
+        "--ids",
+        str(DATA / "ids.txt"),
+        "--metadata",
+        str(DATA / "metadata.csv"),
+        "--root",
+        str(args.root),
+    ]
     print("$", " ".join(build[2:]), flush=True)
     subprocess.run(build, check=True)
 
@@ -74,8 +86,12 @@ def main() -> int:
 
         features = np.load(DATA / "features.npy", mmap_mode="r")
         meta = _metadata_row(args.query_row)
-        body = {"embedding": features[args.query_row].astype(float).tolist(), "k": 5,
-                "filter": {"camid": {"not_in": [int(meta["camid"])]}}, "with_metadata": True}
+        body = {
+            "embedding": features[args.query_row].astype(float).tolist(),
+            "k": 5,
+            "filter": {"camid": {"not_in": [int(meta["camid"])]}},
+            "with_metadata": True,
+        }
         answer = _post(f"{url}/search", body)
         print(f"\nindex version {answer['index_version']}")
         print(f"query ({meta['translation']} {meta['pid']}): {meta['text']}\n")

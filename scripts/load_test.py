@@ -80,14 +80,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64, help="synthetic gallery dimension")
     p.add_argument("--clients", type=int, default=32)
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
-    p.add_argument("--quiet-fraction", type=float, default=0.2,
-                   help="share of the run before and after the publishing window")
+    p.add_argument(
+        "--quiet-fraction",
+        type=float,
+        default=0.2,
+        help="share of the run before and after the publishing window",
+    )
     p.add_argument("--publish-every", type=float, default=4.0, help="seconds between publishes")
-    p.add_argument("--reload-every", type=float, default=3.0,
-                   help="mean seconds between random POST /admin/reload")
+    p.add_argument(
+        "--reload-every", type=float, default=3.0, help="mean seconds between random POST /admin/reload"
+    )
     p.add_argument("--reload-interval", type=float, default=0.5, help="AQE_RELOAD_INTERVAL_S")
-    p.add_argument("--grace", type=float, default=2.0,
-                   help="seconds a replaced version may still answer, beyond the poll interval")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=2.0,
+        help="seconds a replaced version may still answer, beyond the poll interval",
+    )
     p.add_argument("--rss-tolerance-mib", type=float, default=32.0)
     p.add_argument("--max-requests", type=int, default=500_000)
     p.add_argument("--timeout", type=float, default=10.0, help="per-request timeout")
@@ -104,8 +113,11 @@ def synthetic_gallery(directory: Path, n: int, d: int, seed: int) -> dict[str, P
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n // 6 + 1, d)).astype(np.float32)
     x = centres[np.arange(n) // 6] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
-    paths = {"gallery": directory / "gallery.npy", "ids": directory / "ids.txt",
-             "metadata": directory / "meta.csv"}
+    paths = {
+        "gallery": directory / "gallery.npy",
+        "ids": directory / "ids.txt",
+        "metadata": directory / "meta.csv",
+    }
     np.save(paths["gallery"], x.astype(np.float32))
     paths["ids"].write_text("".join(f"item-{i:06d}\n" for i in range(n)))
     paths["metadata"].write_text("camera,ts\n" + "".join(f"{i % 6},{i}\n" for i in range(n)))
@@ -118,15 +130,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, port: int, token: str, reload_interval: float,
-                 log: Path) -> subprocess.Popen:
-    env = {**os.environ, "AQE_INDEX_ROOT": str(root), "AQE_HOST": "127.0.0.1",
-           "AQE_PORT": str(port), "AQE_RELOAD_INTERVAL_S": str(reload_interval),
-           "AQE_ADMIN_TOKEN": token, "AQE_WORKERS": "1", "AQE_LOG_LEVEL": "WARNING"}
+def start_server(root: Path, port: int, token: str, reload_interval: float, log: Path) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "AQE_INDEX_ROOT": str(root),
+        "AQE_HOST": "127.0.0.1",
+        "AQE_PORT": str(port),
+        "AQE_RELOAD_INTERVAL_S": str(reload_interval),
+        "AQE_ADMIN_TOKEN": token,
+        "AQE_WORKERS": "1",
+        "AQE_LOG_LEVEL": "WARNING",
+    }
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=out,
-                                stderr=subprocess.STDOUT,
-                                cwd=Path(__file__).resolve().parents[1])
+        return subprocess.Popen(
+            [sys.executable, "-m", "service.main"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[1],
+        )
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
@@ -163,21 +185,29 @@ def request_pool(x: np.ndarray, seed: int, filters: bool, size: int = 256) -> li
 
 def mapped_versions(pid: int, root: Path) -> set[str]:
     prefix = str(root.resolve() / "versions") + os.sep
-    return {m.path[len(prefix):].split(os.sep)[0]
-            for m in psutil.Process(pid).memory_maps() if m.path.startswith(prefix)}
+    return {
+        m.path[len(prefix) :].split(os.sep)[0]
+        for m in psutil.Process(pid).memory_maps()
+        if m.path.startswith(prefix)
+    }
 
 
 def percentiles(latencies: list[float]) -> dict[str, float | int | None]:
     if not latencies:
         return {"n": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None, "max_ms": None}
     a = np.asarray(latencies) * 1000
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p90_ms": round(float(np.percentile(a, 90)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2), "max_ms": round(float(a.max()), 2)}
+    return {
+        "n": len(a),
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p90_ms": round(float(np.percentile(a, 90)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "max_ms": round(float(a.max()), 2),
+    }
 
 
-def check_versions(records: list[Record], publishes: list[Publish], initial: str,
-                   stale_after: float) -> tuple[list[str], list[str]]:
+def check_versions(
+    records: list[Record], publishes: list[Publish], initial: str, stale_after: float
+) -> tuple[list[str], list[str]]:
     """Problems with the 'current during the request' rule, and with monotonicity."""
     started = {initial: -float("inf")} | {p.version: p.start for p in publishes}
     replaced: dict[str, float] = {}
@@ -194,8 +224,10 @@ def check_versions(records: list[Record], publishes: list[Publish], initial: str
         elif started[v] > r.end:
             current_rule.append(f"{v} answered at {r.end:.3f}s, before its build began")
         elif replaced.get(v, float("inf")) + stale_after < r.start:
-            current_rule.append(f"{v} answered a request begun at {r.start:.3f}s, "
-                                f"{r.start - replaced[v]:.2f}s after it was replaced")
+            current_rule.append(
+                f"{v} answered a request begun at {r.start:.3f}s, "
+                f"{r.start - replaced[v]:.2f}s after it was replaced"
+            )
     end_times = [r.end for r in ok]
     newest: list[str] = []
     for r in ok:
@@ -203,8 +235,9 @@ def check_versions(records: list[Record], publishes: list[Publish], initial: str
     for r in ok:
         i = bisect.bisect_left(end_times, r.start) - 1
         if i >= 0 and (r.version or "") < newest[i]:
-            monotonic.append(f"request begun at {r.start:.3f}s got {r.version} after "
-                             f"{newest[i]} had answered")
+            monotonic.append(
+                f"request begun at {r.start:.3f}s got {r.version} after {newest[i]} had answered"
+            )
     return current_rule, monotonic
 
 
@@ -213,21 +246,33 @@ def run(args: argparse.Namespace) -> dict:
     root = args.root or work / "root"
     proc: subprocess.Popen | None = None
     try:
-        paths = ({"gallery": args.gallery} if args.gallery
-                 else synthetic_gallery(work, args.rows, args.dim, args.seed))
+        paths = (
+            {"gallery": args.gallery}
+            if args.gallery
+            else synthetic_gallery(work, args.rows, args.dim, args.seed)
+        )
         keep = int(args.duration / args.publish_every) + 10
 
         def publish() -> str:
-            return build(BuildConfig(gallery=paths["gallery"], ids=paths.get("ids"),
-                                     metadata=paths.get("metadata"), root=root,
-                                     params=AqeParams(qe_k=5), keep=keep, threads=1,
-                                     show_progress=False)).version
+            return build(
+                BuildConfig(
+                    gallery=paths["gallery"],
+                    ids=paths.get("ids"),
+                    metadata=paths.get("metadata"),
+                    root=root,
+                    params=AqeParams(qe_k=5),
+                    keep=keep,
+                    threads=1,
+                    show_progress=False,
+                )
+            ).version
 
         initial = artifact.current_version(root) if root.exists() else None
         initial = initial or publish()
         x = np.load(paths["gallery"], mmap_mode="r")
-        pool = request_pool(np.asarray(x[: min(len(x), 5000)], dtype=np.float32), args.seed,
-                            filters="metadata" in paths)
+        pool = request_pool(
+            np.asarray(x[: min(len(x), 5000)], dtype=np.float32), args.seed, filters="metadata" in paths
+        )
         token, port = secrets.token_hex(16), free_port()
         url = f"http://127.0.0.1:{port}"
         proc = start_server(root, port, token, args.reload_interval, work / "server.log")
@@ -269,8 +314,11 @@ def drive(args, url, token, server, root, pool, publish, initial) -> dict:
                     budget[0] -= 1
                 a = time.monotonic()
                 try:
-                    r = http.post(f"{url}/search", content=rng.choice(pool),
-                                  headers={"content-type": "application/json"})
+                    r = http.post(
+                        f"{url}/search",
+                        content=rng.choice(pool),
+                        headers={"content-type": "application/json"},
+                    )
                     status = r.status_code
                     version = r.json().get("index_version") if status == 200 else None
                 except (httpx.HTTPError, ValueError):
@@ -307,8 +355,7 @@ def drive(args, url, token, server, root, pool, publish, initial) -> dict:
         while not stop.wait(0.25):
             rss.append((time.monotonic() - t0, server.memory_info().rss))
 
-    threads = [threading.Thread(target=client, args=(args.seed * 1000 + i,))
-               for i in range(args.clients)]
+    threads = [threading.Thread(target=client, args=(args.seed * 1000 + i,)) for i in range(args.clients)]
     helpers = [threading.Thread(target=f, daemon=True) for f in (publisher, reloader, sampler)]
     for t in helpers + threads:
         t.start()
@@ -321,20 +368,28 @@ def drive(args, url, token, server, root, pool, publish, initial) -> dict:
     with httpx.Client(timeout=10) as http:
         info = http.get(f"{url}/info").json()
         metrics = http.get(f"{url}/metrics").text
-    return summarise(args, records, publishes, reloads, rss, initial, info, metrics,
-                     mapped_versions(server.pid, root), root)
+    return summarise(
+        args,
+        records,
+        publishes,
+        reloads,
+        rss,
+        initial,
+        info,
+        metrics,
+        mapped_versions(server.pid, root),
+        root,
+    )
 
 
-def summarise(args, records, publishes, reloads, rss, initial, info, metrics, mapped,
-              root) -> dict:
+def summarise(args, records, publishes, reloads, rss, initial, info, metrics, mapped, root) -> dict:
     quiet = args.duration * args.quiet_fraction
     failed = [r for r in records if r.status != 200]
     stale_after = args.reload_interval + args.grace
     current_rule, monotonic = check_versions(records, publishes, initial, stale_after)
     ok = [r for r in records if r.status == 200]
     swaps = [p.end for p in publishes]
-    near = [r for r in ok
-            if any(s <= r.start <= s + args.reload_interval + 1.0 for s in swaps)]
+    near = [r for r in ok if any(s <= r.start <= s + args.reload_interval + 1.0 for s in swaps)]
     windows = {
         "before": [r for r in ok if r.start < quiet],
         "during": [r for r in ok if quiet <= r.start < args.duration - quiet],
@@ -343,8 +398,9 @@ def summarise(args, records, publishes, reloads, rss, initial, info, metrics, ma
     latency = {k: percentiles([r.end - r.start for r in v]) for k, v in windows.items()}
     latency["near_swaps"] = percentiles([r.end - r.start for r in near])
     for k, v in windows.items():
-        latency[k]["rps"] = round(len(v) / quiet if k != "during"
-                                  else len(v) / (args.duration - 2 * quiet), 1)
+        latency[k]["rps"] = round(
+            len(v) / quiet if k != "during" else len(v) / (args.duration - 2 * quiet), 1
+        )
     rss_before = next((b for t, b in reversed(rss) if t < quiet), rss[0][1])
     rss_after = rss[-1][1]
     version_bytes = sum(f.bytes for f in artifact.read_manifest(root, initial).files.values())
@@ -365,21 +421,29 @@ def summarise(args, records, publishes, reloads, rss, initial, info, metrics, ma
     }
     return {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "requests": len(records), "ok": len(ok), "failed": len(failed),
+        "requests": len(records),
+        "ok": len(ok),
+        "failed": len(failed),
         "failed_statuses": sorted({r.status for r in failed}),
-        "publishes": len(publishes), "admin_reloads": len(reloads),
+        "publishes": len(publishes),
+        "admin_reloads": len(reloads),
         "reloads_loaded": _metric(metrics, "aqe_reloads_total"),
-        "versions_served": len({r.version for r in ok}), "served_last": served_last,
+        "versions_served": len({r.version for r in ok}),
+        "served_last": served_last,
         "latency": latency,
-        "rss_mib": {"before": round(rss_before / 2**20, 1), "after": round(rss_after / 2**20, 1),
-                    "max": round(max(b for _, b in rss) / 2**20, 1),
-                    "growth": round((rss_after - rss_before) / 2**20, 1),
-                    "tolerance": round(tolerance / 2**20, 1),
-                    "version_size": round(version_bytes / 2**20, 2)},
+        "rss_mib": {
+            "before": round(rss_before / 2**20, 1),
+            "after": round(rss_after / 2**20, 1),
+            "max": round(max(b for _, b in rss) / 2**20, 1),
+            "growth": round((rss_after - rss_before) / 2**20, 1),
+            "tolerance": round(tolerance / 2**20, 1),
+            "version_size": round(version_bytes / 2**20, 2),
+        },
         "rss_series_mib": [[round(t, 1), round(b / 2**20, 1)] for t, b in rss[::8]],
         "mapped_versions_after": sorted(mapped),
         "violations": {"current_rule": current_rule[:10], "monotonic": monotonic[:10]},
-        "checks": checks, "passed": all(checks.values()),
+        "checks": checks,
+        "passed": all(checks.values()),
     }
 
 
@@ -391,18 +455,23 @@ def _metric(text: str, name: str) -> float | None:
 
 
 def table(s: dict) -> str:
-    lines = [f"requests {s['requests']}  ok {s['ok']}  failed {s['failed']}  "
-             f"publishes {s['publishes']}  admin reloads {s['admin_reloads']}  "
-             f"versions served {s['versions_served']}",
-             f"{'window':<12}{'n':>8}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-             f"{'max ms':>9}"]
+    lines = [
+        f"requests {s['requests']}  ok {s['ok']}  failed {s['failed']}  "
+        f"publishes {s['publishes']}  admin reloads {s['admin_reloads']}  "
+        f"versions served {s['versions_served']}",
+        f"{'window':<12}{'n':>8}{'req/s':>8}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}{'max ms':>9}",
+    ]
     for name, w in s["latency"].items():
-        lines.append(f"{name:<12}{w['n']:>8}{w.get('rps', ''):>8}{w['p50_ms'] or '-':>9}"
-                     f"{w['p90_ms'] or '-':>9}{w['p99_ms'] or '-':>9}{w['max_ms'] or '-':>9}")
+        lines.append(
+            f"{name:<12}{w['n']:>8}{w.get('rps', ''):>8}{w['p50_ms'] or '-':>9}"
+            f"{w['p90_ms'] or '-':>9}{w['p99_ms'] or '-':>9}{w['max_ms'] or '-':>9}"
+        )
     m = s["rss_mib"]
-    lines.append(f"server RSS MiB: before {m['before']}  after {m['after']}  max {m['max']}  "
-                 f"growth {m['growth']} (tolerance {m['tolerance']}, one version "
-                 f"{m['version_size']})  mapped after: {len(s['mapped_versions_after'])} version")
+    lines.append(
+        f"server RSS MiB: before {m['before']}  after {m['after']}  max {m['max']}  "
+        f"growth {m['growth']} (tolerance {m['tolerance']}, one version "
+        f"{m['version_size']})  mapped after: {len(s['mapped_versions_after'])} version"
+    )
     lines += [f"  [{'ok' if v else 'FAIL'}] {k}" for k, v in s["checks"].items()]
     for kind, problems in s["violations"].items():
         lines += [f"  {kind}: {p}" for p in problems]

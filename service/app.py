@@ -54,8 +54,12 @@ MAX_VALIDATION_ERRORS = 20
 RENDER_INLINE_HITS = 2000
 
 # /search reads its body itself (_parse_search_request); this puts its schema back in /docs
-SEARCH_REQUEST_BODY = {"requestBody": {"required": True, "content": {
-    "application/json": {"schema": SearchRequest.model_json_schema()}}}}
+SEARCH_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+    }
+}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
     413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES"},
@@ -104,9 +108,13 @@ class _BodyLimit:
 
 async def _too_large(limit: int, why: str, send) -> None:
     body = json.dumps({"detail": f"request body over the {limit}-byte limit ({why})"}).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -145,16 +153,14 @@ async def current_searcher(request: Request) -> Searcher:
     return searcher
 
 
-def require_admin(request: Request,
-                  authorization: Annotated[str | None, Header()] = None) -> None:
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """Bearer-token check of admin routes (constant-time); off when no token is configured."""
     token = request.app.state.settings.admin_token
     if token is None:
         raise HTTPException(404, "admin routes are off: AQE_ADMIN_TOKEN is not set")
     expected = f"Bearer {token.get_secret_value()}".encode()
     if not hmac.compare_digest((authorization or "").encode(), expected):
-        raise HTTPException(401, "missing or wrong bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
 ServedIndex = Annotated[Searcher, Depends(current_searcher)]
@@ -172,8 +178,9 @@ def body_limit(settings: Settings, searcher: Searcher | None) -> tuple[int, str]
 
 def create_app(settings: Settings, manager: IndexManager | None = None) -> FastAPI:
     """Build the app; the index is loaded and watched during the lifespan."""
-    manager = manager or IndexManager(settings.index_root, settings.verify_checksums,
-                                      settings.mmap, settings.max_index_bytes)
+    manager = manager or IndexManager(
+        settings.index_root, settings.verify_checksums, settings.mmap, settings.max_index_bytes
+    )
     metrics = Metrics(lambda: _state(manager, settings))
 
     def on_reload(outcome: ReloadOutcome) -> None:
@@ -199,9 +206,13 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
             app.state.batcher.close()
             blas.restore_original_limits()
 
-    app = FastAPI(title="AQE retrieval service", version="0.1.0", lifespan=lifespan,
-                  description="Nearest gallery items for an embedding, with online alpha-weighted "
-                  "query expansion over a FAISS index published by `index-builder build`.")
+    app = FastAPI(
+        title="AQE retrieval service",
+        version="0.1.0",
+        lifespan=lifespan,
+        description="Nearest gallery items for an embedding, with online alpha-weighted "
+        "query expansion over a FAISS index published by `index-builder build`.",
+    )
     app.add_middleware(_BodyLimit, limit=lambda: body_limit(settings, manager.searcher))
     app.add_middleware(_Observe, metrics=metrics)
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
@@ -221,12 +232,16 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
             for e in errors[:MAX_VALIDATION_ERRORS]
         ]
         if len(errors) > MAX_VALIDATION_ERRORS:
-            detail.append({"loc": ["body"], "msg": f"and {len(errors) - MAX_VALIDATION_ERRORS} "
-                           "more errors", "type": "too_many_errors"})
+            detail.append(
+                {
+                    "loc": ["body"],
+                    "msg": f"and {len(errors) - MAX_VALIDATION_ERRORS} more errors",
+                    "type": "too_many_errors",
+                }
+            )
         return JSONResponse({"detail": detail}, status_code=422)
 
-    @app.post("/search", response_model=SearchResponse, responses=ERRORS,
-              openapi_extra=SEARCH_REQUEST_BODY)
+    @app.post("/search", response_model=SearchResponse, responses=ERRORS, openapi_extra=SEARCH_REQUEST_BODY)
     async def search(request: Request, searcher: ServedIndex) -> Response:
         """Nearest gallery items of each query embedding, best first."""
         body = _parse_search_request(await request.body())
@@ -236,7 +251,8 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         metrics.queries.observe(len(queries))
         # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones
         hits = await app.state.batcher.submit_async(
-            searcher, queries, body.k, expand=body.expand_query, filters=body.filter)
+            searcher, queries, body.k, expand=body.expand_query, filters=body.filter
+        )
         if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:
             return _render(searcher, hits, body.with_metadata)
         return await run_in_threadpool(_render, searcher, hits, body.with_metadata)
@@ -262,15 +278,18 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus() -> PlainTextResponse:
         """Prometheus exposition."""
-        return PlainTextResponse(generate_latest(metrics.registry),
-                                 media_type=CONTENT_TYPE_LATEST)
+        return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/admin/reload", dependencies=[Depends(require_admin)])
     def admin_reload() -> JSONResponse:
         """Reload ``current`` now (even if it is the served version); 409 if it was refused."""
         outcome = manager.reload(force=True)
-        body = {"status": outcome.status, "version": outcome.version, "error": outcome.error,
-                "serving": manager.searcher.version if manager.searcher else None}
+        body = {
+            "status": outcome.status,
+            "version": outcome.version,
+            "error": outcome.error,
+            "serving": manager.searcher.version if manager.searcher else None,
+        }
         return JSONResponse(body, status_code=409 if outcome.status == "failed" else 200)
 
     return app
@@ -324,8 +343,7 @@ def _nightly(settings: Settings) -> dict[str, Any] | None:
     if record is None:
         return None
     age = staleness_seconds(record, time.time())
-    return {**record, "staleness_s": age,
-            "stale": age is None or age > settings.stale_after_s}
+    return {**record, "staleness_s": age, "stale": age is None or age > settings.stale_after_s}
 
 
 def _state(manager: IndexManager, settings: Settings) -> dict[str, Any]:
@@ -348,9 +366,16 @@ def _info(manager: IndexManager, settings: Settings) -> dict[str, Any]:
     if s is not None:
         m = s.manifest
         out.update(
-            n=m.n, d=m.d, qe_k=m.qe_k, effective_qe_k=m.effective_qe_k, alpha=m.alpha,
-            qe_times=m.qe_times, knn=m.knn, graph_recall=m.graph_recall,
-            serving_index=m.serving_index.model_dump(), metadata_columns=[c.name for c in m.metadata],
+            n=m.n,
+            d=m.d,
+            qe_k=m.qe_k,
+            effective_qe_k=m.effective_qe_k,
+            alpha=m.alpha,
+            qe_times=m.qe_times,
+            knn=m.knn,
+            graph_recall=m.graph_recall,
+            serving_index=m.serving_index.model_dump(),
+            metadata_columns=[c.name for c in m.metadata],
             built_at=m.created_at.isoformat(),
             loaded_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.loaded_at)),
             quality=m.quality,
@@ -358,7 +383,12 @@ def _info(manager: IndexManager, settings: Settings) -> dict[str, Any]:
     out["nightly"] = _nightly(settings)
     f = manager.last_failure
     out["last_reload_failure"] = (
-        None if f is None else {"version": f.version, "error": f.error,
-                                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.at))}
+        None
+        if f is None
+        else {
+            "version": f.version,
+            "error": f.error,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(f.at)),
+        }
     )
     return out

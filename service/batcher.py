@@ -73,36 +73,66 @@ class Batcher:
     def __init__(self, workers: int = 2, max_rows: int = 256, threads: int = 1) -> None:
         self.max_rows, self.threads = max_rows, threads
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._run, name=f"search-batcher-{i}",
-                                          daemon=True) for i in range(workers)]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"search-batcher-{i}", daemon=True)
+            for i in range(workers)
+        ]
         self.batches = 0
         self.rows = 0
         for t in self._threads:
             t.start()
 
-    def submit(self, searcher: Searcher, queries: np.ndarray, k: int, expand: bool = True,
-               filters: dict[str, Any] | None = None) -> Future:
+    def submit(
+        self,
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool = True,
+        filters: dict[str, Any] | None = None,
+    ) -> Future:
         """Queue a search; the future resolves to ``searcher.search(queries, k, expand, filters)``.
 
         The queries are validated here, in the caller's thread, so a bad one fails alone and
         never reaches a batch.
         """
         future: Future = Future()
-        self._queue.put(_Job(searcher, searcher.check_queries(queries), k, expand, filters or None,
-                             future=future))
+        self._queue.put(
+            _Job(searcher, searcher.check_queries(queries), k, expand, filters or None, future=future)
+        )
         return future
 
-    def submit_async(self, searcher: Searcher, queries: np.ndarray, k: int, expand: bool = True,
-                     filters: dict[str, Any] | None = None) -> asyncio.Future:
+    def submit_async(
+        self,
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool = True,
+        filters: dict[str, Any] | None = None,
+    ) -> asyncio.Future:
         """Like :meth:`submit`, from a coroutine: await the returned future (cancel to give up)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Job(searcher, searcher.check_queries(queries), k, expand, filters or None,
-                             loop=loop, afuture=future))
+        self._queue.put(
+            _Job(
+                searcher,
+                searcher.check_queries(queries),
+                k,
+                expand,
+                filters or None,
+                loop=loop,
+                afuture=future,
+            )
+        )
         return future
 
-    def search(self, searcher: Searcher, queries: np.ndarray, k: int, expand: bool = True,
-               filters: dict[str, Any] | None = None) -> list[list[Hit]]:
+    def search(
+        self,
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool = True,
+        filters: dict[str, Any] | None = None,
+    ) -> list[list[Hit]]:
         """Like ``searcher.search(queries, k, expand, filters)``, batched with concurrent callers."""
         return self.submit(searcher, queries, k, expand, filters).result()
 
@@ -145,8 +175,7 @@ class Batcher:
         try:
             batch = np.concatenate([j.queries for j in group])
             # each job's queries were checked when it was submitted
-            hits = first.searcher.search_checked(batch, max(j.k for j in group), first.expand,
-                                                 first.filters)
+            hits = first.searcher.search_checked(batch, max(j.k for j in group), first.expand, first.filters)
         except Exception as exc:  # the failure goes to every request of the group
             return [(j, (None, exc)) for j in group]
         self.batches += 1

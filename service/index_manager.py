@@ -40,8 +40,9 @@ class ReloadOutcome:
 class IndexManager:
     """Holds the served :class:`Searcher`; thread-safe reloads, lock-free reads."""
 
-    def __init__(self, root: Path, verify_checksums: bool = True, mmap: bool = True,
-                 max_index_bytes: int | None = None) -> None:
+    def __init__(
+        self, root: Path, verify_checksums: bool = True, mmap: bool = True, max_index_bytes: int | None = None
+    ) -> None:
         self.root = root
         self.max_index_bytes = max_index_bytes
         self.verify_checksums = verify_checksums
@@ -82,8 +83,11 @@ class IndexManager:
                 files = artifact.read_manifest(self.root, target).files.values()
                 size = sum(f.bytes for f in files)
                 if size > self.max_index_bytes:
-                    return self._fail(target, f"version {target}: {size} bytes of files, over "
-                                      f"AQE_MAX_INDEX_BYTES={self.max_index_bytes}")
+                    return self._fail(
+                        target,
+                        f"version {target}: {size} bytes of files, over "
+                        f"AQE_MAX_INDEX_BYTES={self.max_index_bytes}",
+                    )
             art = artifact.load(self.root, target, check=self.verify_checksums, mmap=self.mmap)
             searcher = Searcher(art)
             searcher.warm_up()
@@ -91,8 +95,7 @@ class IndexManager:
             return self._fail(target, f"{type(exc).__name__}: {exc}")
         self.searcher = searcher
         self._refused = None
-        logger.info("serving version %s (loaded in %.2fs; was %s)", target,
-                    time.perf_counter() - t0, served)
+        logger.info("serving version %s (loaded in %.2fs; was %s)", target, time.perf_counter() - t0, served)
         return ReloadOutcome("loaded", target)
 
     def _fail(self, version: str | None, error: str) -> ReloadOutcome:
@@ -107,8 +110,9 @@ class IndexManager:
         if interval_s <= 0 or self._thread is not None:
             return
         self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, args=(interval_s,),
-                                        name="index-watcher", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, args=(interval_s,), name="index-watcher", daemon=True
+        )
         self._thread.start()
 
     def _watch(self, interval_s: float) -> None:

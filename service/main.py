@@ -42,15 +42,19 @@ def main() -> int:
     try:
         settings = Settings()  # type: ignore[call-arg]
     except ValidationError as exc:
-        lines = [f"  AQE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-                 for e in exc.errors()]
+        lines = [f"  AQE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()]
         print("search-service: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = _Config("service.main:app_factory", factory=True, host=settings.host,
-                     port=settings.port, workers=settings.workers,
-                     log_level=settings.log_level.lower(), access_log=False)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = _Config(
+        "service.main:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+    )
     if config.workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0

@@ -17,16 +17,26 @@ class Metrics:
 
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("aqe_requests_total", "HTTP requests", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("aqe_request_seconds", "HTTP request latency", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queries = Histogram("aqe_queries_per_request", "query embeddings per search request",
-                                 buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
-                                 registry=self.registry)
+        self.requests = Counter(
+            "aqe_requests_total", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "aqe_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queries = Histogram(
+            "aqe_queries_per_request",
+            "query embeddings per search request",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1024),
+            registry=self.registry,
+        )
         self.reloads = Counter("aqe_reloads_total", "index versions loaded", registry=self.registry)
-        self.reload_failures = Counter("aqe_reload_failures_total", "index versions refused",
-                                       registry=self.registry)
+        self.reload_failures = Counter(
+            "aqe_reload_failures_total", "index versions refused", registry=self.registry
+        )
         self.registry.register(_StateCollector(state))
 
 
@@ -52,8 +62,9 @@ class _StateCollector:
             rows.add_metric([], float(s["n"]))
             yield rows
         if s.get("last_reload_failure_at") is not None:
-            fail = GaugeMetricFamily("aqe_last_reload_failure_timestamp_seconds",
-                                     "when a version was last refused")
+            fail = GaugeMetricFamily(
+                "aqe_last_reload_failure_timestamp_seconds", "when a version was last refused"
+            )
             fail.add_metric([], s["last_reload_failure_at"])
             yield fail
         for name, help_text in (

@@ -17,8 +17,12 @@ class SearchRequest(BaseModel):
         json_schema_extra={
             "examples": [
                 {"embedding": [0.12, -0.03, 0.54], "k": 5},
-                {"embeddings": [[0.12, -0.03, 0.54], [0.2, 0.1, -0.4]], "k": 3,
-                 "filter": {"camera": {"not_in": [3]}}, "with_metadata": True},
+                {
+                    "embeddings": [[0.12, -0.03, 0.54], [0.2, 0.1, -0.4]],
+                    "k": 3,
+                    "filter": {"camera": {"not_in": [3]}},
+                    "with_metadata": True,
+                },
             ]
         },
     )
@@ -28,8 +32,9 @@ class SearchRequest(BaseModel):
     k: int = Field(10, description="results per query, 1..AQE_MAX_K")
     expand_query: bool = Field(True, description="expand the query online (AQE) before search")
     filter: dict[str, FilterCondition] | None = Field(
-        None, description='metadata conditions: {"col": 4}, {"col": {"in"|"not_in": [..]}}, '
-        '{"col": {"gte"|"gt"|"lte"|"lt": x}}'
+        None,
+        description='metadata conditions: {"col": 4}, {"col": {"in"|"not_in": [..]}}, '
+        '{"col": {"gte"|"gt"|"lte"|"lt": x}}',
     )
     with_metadata: bool = Field(False, description="include each hit's metadata")
 

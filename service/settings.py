@@ -25,8 +25,11 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="request body size limit")
     threads: int = Field(1, ge=1, le=1024, description="FAISS OpenMP threads per search")
     batch_workers: int = Field(
-        2, ge=1, le=64, description="threads running batched searches (concurrent requests are "
-        "gathered into one FAISS call per worker)"
+        2,
+        ge=1,
+        le=64,
+        description="threads running batched searches (concurrent requests are "
+        "gathered into one FAISS call per worker)",
     )
     verify_checksums: bool = Field(True, description="recompute checksums when loading a version")
     mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
@@ -36,8 +39,10 @@ class Settings(BaseSettings):
         36 * 3600.0, gt=0, description="the nightly build is stale after this long without success"
     )
     max_index_bytes: int | None = Field(
-        None, ge=1, description="memory budget of one loaded version (sum of its files' sizes in "
-        "the manifest); a bigger version is refused before it is loaded; unset: no limit"
+        None,
+        ge=1,
+        description="memory budget of one loaded version (sum of its files' sizes in "
+        "the manifest); a bigger version is refused before it is loaded; unset: no limit",
     )
 
     @field_validator("admin_token", mode="before")

@@ -26,8 +26,9 @@ def clustered_data(n: int, d: int, seed: int = 0, per_id: int = 6, dup_every: in
     return x.astype(np.float32)
 
 
-def write_gallery(directory: Path, x: np.ndarray, with_ids: bool = True,
-                  with_metadata: bool = True) -> dict[str, Path]:
+def write_gallery(
+    directory: Path, x: np.ndarray, with_ids: bool = True, with_metadata: bool = True
+) -> dict[str, Path]:
     """Write a gallery (.npy), ids and a metadata CSV (camera = row % 6, ts = row)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {"gallery": directory / "gallery.npy"}
@@ -55,6 +56,14 @@ def built_root(tmp_path_factory, small_gallery) -> Path:
     """An index root with one exact version built from ``small_gallery``."""
     _, paths = small_gallery
     root = tmp_path_factory.mktemp("root")
-    build(BuildConfig(gallery=paths["gallery"], ids=paths["ids"], metadata=paths["metadata"],
-                      root=root, params=AqeParams(qe_k=5), show_progress=False))
+    build(
+        BuildConfig(
+            gallery=paths["gallery"],
+            ids=paths["ids"],
+            metadata=paths["metadata"],
+            root=root,
+            params=AqeParams(qe_k=5),
+            show_progress=False,
+        )
+    )
     return root

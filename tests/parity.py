@@ -8,8 +8,12 @@ TIE_TOL = 1e-5
 FEATURE_TOL = 1e-5
 
 
-def assert_parity(ours: np.ndarray, ours_sets: list[np.ndarray], ref: np.ndarray,
-                  ref_rounds: list[tuple[np.ndarray, np.ndarray]]) -> int:
+def assert_parity(
+    ours: np.ndarray,
+    ours_sets: list[np.ndarray],
+    ref: np.ndarray,
+    ref_rounds: list[tuple[np.ndarray, np.ndarray]],
+) -> int:
     """Assert our expanded rows equal the reference's wherever the neighbour sets agree.
 
     ``ours_sets[t]`` (n, k) and ``ref_rounds[t] = (sets (n, k), sims (n, n))`` per round. A row

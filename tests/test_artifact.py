@@ -15,9 +15,17 @@ from index_builder.expansion import AqeParams
 
 
 def build_into(root: Path, paths, **kw) -> artifact.Manifest:
-    return build(BuildConfig(gallery=paths["gallery"], ids=paths.get("ids"),
-                             metadata=paths.get("metadata"), root=root,
-                             params=AqeParams(qe_k=5), show_progress=False, **kw))
+    return build(
+        BuildConfig(
+            gallery=paths["gallery"],
+            ids=paths.get("ids"),
+            metadata=paths.get("metadata"),
+            root=root,
+            params=AqeParams(qe_k=5),
+            show_progress=False,
+            **kw,
+        )
+    )
 
 
 def test_publish_writes_a_complete_verified_version(tmp_path, small_gallery):
@@ -35,8 +43,7 @@ def test_publish_writes_a_complete_verified_version(tmp_path, small_gallery):
     assert not list(tmp_path.glob(".staging-*"))
 
 
-def test_failure_while_publishing_leaves_current_and_previous_intact(tmp_path, small_gallery,
-                                                                     monkeypatch):
+def test_failure_while_publishing_leaves_current_and_previous_intact(tmp_path, small_gallery, monkeypatch):
     _, paths = small_gallery
     first = build_into(tmp_path, paths)
     real_rename = os.rename
@@ -54,8 +61,7 @@ def test_failure_while_publishing_leaves_current_and_previous_intact(tmp_path, s
     assert not list(tmp_path.glob(".staging-*"))
 
 
-def test_failure_while_switching_current_keeps_the_old_pointer(tmp_path, small_gallery,
-                                                               monkeypatch):
+def test_failure_while_switching_current_keeps_the_old_pointer(tmp_path, small_gallery, monkeypatch):
     _, paths = small_gallery
     first = build_into(tmp_path, paths)
 

@@ -25,8 +25,14 @@ def test_concurrent_requests_get_their_own_answers(searcher, small_gallery):
     x, _ = small_gallery
     batcher = Batcher(workers=2, max_rows=16)
     rng = np.random.default_rng(0)
-    jobs = [(x[rng.integers(len(x), size=rng.integers(1, 4))] + 0.01, int(rng.integers(1, 12)),
-             bool(rng.integers(2))) for _ in range(200)]
+    jobs = [
+        (
+            x[rng.integers(len(x), size=rng.integers(1, 4))] + 0.01,
+            int(rng.integers(1, 12)),
+            bool(rng.integers(2)),
+        )
+        for _ in range(200)
+    ]
     try:
         with ThreadPoolExecutor(16) as pool:
             got = list(pool.map(lambda j: batcher.search(searcher, *j), jobs))
@@ -36,13 +42,11 @@ def test_concurrent_requests_get_their_own_answers(searcher, small_gallery):
         want = searcher.search(q, k, expand)
         for mine, theirs in zip(hits, want, strict=True):
             assert len(mine) == len(theirs) == k
-            np.testing.assert_allclose([h.score for h in mine], [h.score for h in theirs],
-                                       atol=1e-5)
+            np.testing.assert_allclose([h.score for h in mine], [h.score for h in theirs], atol=1e-5)
             # the same rows, except inside a tie at the k-th score (exact duplicates: batch
             # and single searches may order a tie differently)
             cut = theirs[-1].score + 1e-5
-            assert {h.row for h in mine if h.score > cut} == {h.row for h in theirs
-                                                              if h.score > cut}
+            assert {h.row for h in mine if h.score > cut} == {h.row for h in theirs if h.score > cut}
     assert batcher.rows >= 200 and batcher.batches <= len(jobs)
 
 
@@ -52,8 +56,11 @@ def test_versions_are_never_mixed_and_errors_reach_the_caller(built_root, search
     batcher = Batcher(workers=1)
     try:
         with ThreadPoolExecutor(8) as pool:
-            pairs = list(pool.map(lambda i: (i % 2, batcher.search([searcher, other][i % 2],
-                                                                   x[i : i + 1], 3)), range(40)))
+            pairs = list(
+                pool.map(
+                    lambda i: (i % 2, batcher.search([searcher, other][i % 2], x[i : i + 1], 3)), range(40)
+                )
+            )
         assert len(pairs) == 40
         with pytest.raises(QueryError, match="dimension"):
             batcher.search(searcher, np.ones((1, 5), np.float32), 3)
@@ -74,8 +81,7 @@ def test_a_cancelled_request_is_dropped_and_the_workers_go_on(searcher, small_ga
         assert gone.cancel()
         gate.set()
         assert len(slow.result(timeout=10)[0]) == 3
-        assert [h.row for h in kept.result(timeout=10)[0]] == [h.row for h in
-                                                               searcher.search(x[2:3], 3)[0]]
+        assert [h.row for h in kept.result(timeout=10)[0]] == [h.row for h in searcher.search(x[2:3], 3)[0]]
         assert gone.cancelled()
         # the worker survived: a later request is answered
         assert len(batcher.search(searcher, x[3:4], 2)[0]) == 2
@@ -136,8 +142,7 @@ def test_event_loop_callers_get_their_answers_and_may_give_up(searcher, small_ga
     async def main():
         held = batcher.submit_async(_Blocking(searcher, gate), x[:1], 2)
         held2 = batcher.submit_async(_Blocking(searcher, gate), x[:1], 2)  # both workers busy
-        waiting = [asyncio.ensure_future(batcher.submit_async(searcher, x[i : i + 1], 3))
-                   for i in range(20)]
+        waiting = [asyncio.ensure_future(batcher.submit_async(searcher, x[i : i + 1], 3)) for i in range(20)]
         await asyncio.sleep(0.05)
         waiting[5].cancel()
         gate.set()

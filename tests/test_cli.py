@@ -16,27 +16,63 @@ def test_expand_serving_and_transductive_match_the_reference(tmp_path):
     np.save(tmp_path / "g.npy", g.astype(np.float16))
     np.save(tmp_path / "q.npy", q)
     g16 = g.astype(np.float16).astype(np.float32)
-    assert main(["expand", str(tmp_path / "g.npy"), str(tmp_path / "out.npy"), "--qe-k", "5",
-                 "--block-size", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "expand",
+                str(tmp_path / "g.npy"),
+                str(tmp_path / "out.npy"),
+                "--qe-k",
+                "5",
+                "--block-size",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     _, ref_g, _ = reference_aqe(g16[:0], g16, 1, 5, 3.0)
     out = np.load(tmp_path / "out.npy")
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, ref_g, atol=1e-5)
-    assert main(["expand", str(tmp_path / "g.npy"), str(tmp_path / "gout.npy"),
-                 "--queries", str(tmp_path / "q.npy"), "--queries-out", str(tmp_path / "qout.npy"),
-                 "--qe-times", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "expand",
+                str(tmp_path / "g.npy"),
+                str(tmp_path / "gout.npy"),
+                "--queries",
+                str(tmp_path / "q.npy"),
+                "--queries-out",
+                str(tmp_path / "qout.npy"),
+                "--qe-times",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ref_q, ref_g, _ = reference_aqe(q, g16, 2, 10, 3.0)
     np.testing.assert_allclose(np.load(tmp_path / "qout.npy"), ref_q, atol=1e-5)
     np.testing.assert_allclose(np.load(tmp_path / "gout.npy"), ref_g, atol=1e-5)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "gout.npy", "out.npy",
-                                                           "q.npy", "qout.npy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.npy", "gout.npy", "out.npy", "q.npy", "qout.npy"]
 
 
 def test_build_list_verify_rollback(tmp_path, small_gallery, capsys):
     _, paths = small_gallery
     root = tmp_path / "root"
-    args = ["build", "--gallery", str(paths["gallery"]), "--ids", str(paths["ids"]),
-            "--metadata", str(paths["metadata"]), "--root", str(root), "--no-progress"]
+    args = [
+        "build",
+        "--gallery",
+        str(paths["gallery"]),
+        "--ids",
+        str(paths["ids"]),
+        "--metadata",
+        str(paths["metadata"]),
+        "--root",
+        str(root),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert main([*args, "--knn", "IVF8,Flat", "--nprobe", "2", "--serving-index", "HNSW16"]) == 0
     first, second = artifact.version_ids(root)
@@ -100,11 +136,18 @@ def _bad_inputs(tmp_path):
 
 
 EXPECTED = {
-    "dim_mismatch": "dimension 9 differs", "dtype_mismatch": "dtype float16 differs",
-    "int_dtype": "dtype int32 is not accepted", "nan_rows": "NaN or Inf in rows 3, 7",
-    "inf_rows": "NaN or Inf in rows 5", "zero_rows": "all-zero rows 0, 9",
-    "empty": "empty", "one_d": "2-D", "ids_count": "49 ids for 50", "ids_dup": "duplicate ids",
-    "meta_count": "51 metadata rows for 50", "meta_ragged": "rows 49 do not have 2 fields",
+    "dim_mismatch": "dimension 9 differs",
+    "dtype_mismatch": "dtype float16 differs",
+    "int_dtype": "dtype int32 is not accepted",
+    "nan_rows": "NaN or Inf in rows 3, 7",
+    "inf_rows": "NaN or Inf in rows 5",
+    "zero_rows": "all-zero rows 0, 9",
+    "empty": "empty",
+    "one_d": "2-D",
+    "ids_count": "49 ids for 50",
+    "ids_dup": "duplicate ids",
+    "meta_count": "51 metadata rows for 50",
+    "meta_ragged": "rows 49 do not have 2 fields",
 }
 
 
@@ -125,14 +168,12 @@ def test_every_bad_input_is_named_exits_2_and_publishes_nothing(tmp_path, caplog
 def test_bad_input_keeps_the_previous_version_current(tmp_path, small_gallery):
     _, paths = small_gallery
     root = tmp_path / "root"
-    assert main(["build", "--gallery", str(paths["gallery"]), "--root", str(root),
-                 "--no-progress"]) == 0
+    assert main(["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"]) == 0
     before = artifact.current_version(root)
     bad = clustered_data(30, 32)
     bad[4] = np.nan
     bad_paths = write_gallery(tmp_path / "bad", bad, with_ids=False, with_metadata=False)
-    assert main(["build", "--gallery", str(bad_paths["gallery"]), "--root", str(root),
-                 "--no-progress"]) == 2
+    assert main(["build", "--gallery", str(bad_paths["gallery"]), "--root", str(root), "--no-progress"]) == 2
     assert artifact.current_version(root) == before and len(artifact.version_ids(root)) == 1
 
 
@@ -144,5 +185,7 @@ def test_bad_options_are_refused(tmp_path, small_gallery, caplog):
     assert e.value.code == 2
     assert main([*base, "--knn", "IVF4096,Flat", "--no-progress"]) == 2
     assert "training" in caplog.text
-    assert main(["expand", str(paths["gallery"]), str(tmp_path / "o.npy"),
-                 "--queries", str(paths["gallery"])]) == 2
+    assert (
+        main(["expand", str(paths["gallery"]), str(tmp_path / "o.npy"), "--queries", str(paths["gallery"])])
+        == 2
+    )

@@ -16,9 +16,18 @@ def test_demo_builds_serves_and_answers(tmp_path):
     card = json.loads((REPO / "data" / "demo" / "card.json").read_text())
     assert card["rows"] == 8000
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--once", "--root",
-         str(tmp_path / "index"), "--port", str(free_port())],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "demo.py"),
+            "--once",
+            "--root",
+            str(tmp_path / "index"),
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if "verse]" in ln]

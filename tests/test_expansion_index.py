@@ -23,9 +23,16 @@ def gallery(tmp_path_factory):
 
 
 def built(root, paths, expansion_index: str):
-    return build(BuildConfig(gallery=paths["gallery"], ids=paths["ids"], root=root,
-                             params=AqeParams(qe_k=5), show_progress=False,
-                             expansion_index=expansion_index))
+    return build(
+        BuildConfig(
+            gallery=paths["gallery"],
+            ids=paths["ids"],
+            root=root,
+            params=AqeParams(qe_k=5),
+            show_progress=False,
+            expansion_index=expansion_index,
+        )
+    )
 
 
 def test_auto_builds_a_tuned_index_above_the_exact_limit(tmp_path, gallery, monkeypatch):
@@ -47,9 +54,12 @@ def test_auto_builds_a_tuned_index_above_the_exact_limit(tmp_path, gallery, monk
     slow = Searcher(artifact.load(tmp_path / "exact"))
     assert fast.artifact.levels[0].index is not None
     queries = x[np.random.default_rng(0).choice(N, 200, replace=False)] + 0.01
-    overlap = np.mean([len({h.row for h in a} & {h.row for h in b}) / 10
-                       for a, b in zip(fast.search(queries, 10), slow.search(queries, 10),
-                                       strict=True)])
+    overlap = np.mean(
+        [
+            len({h.row for h in a} & {h.row for h in b}) / 10
+            for a, b in zip(fast.search(queries, 10), slow.search(queries, 10), strict=True)
+        ]
+    )
     assert overlap >= 0.9
 
 
@@ -57,11 +67,33 @@ def test_small_galleries_and_the_cli_flag(tmp_path, gallery):
     _, paths = gallery
     manifest = built(tmp_path / "small", paths, "auto")  # 5,000 rows <= the real limit
     assert manifest.levels[0].index is None
-    assert cli(["build", "--gallery", str(paths["gallery"]), "--root", str(tmp_path / "cli"),
-                "--expansion-index", "exact", "--no-progress"]) == 0
+    assert (
+        cli(
+            [
+                "build",
+                "--gallery",
+                str(paths["gallery"]),
+                "--root",
+                str(tmp_path / "cli"),
+                "--expansion-index",
+                "exact",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     with pytest.raises(SystemExit) as exc:
-        cli(["build", "--gallery", str(paths["gallery"]), "--root", str(tmp_path / "bad"),
-             "--expansion-index", "hnsw"])
+        cli(
+            [
+                "build",
+                "--gallery",
+                str(paths["gallery"]),
+                "--root",
+                str(tmp_path / "bad"),
+                "--expansion-index",
+                "hnsw",
+            ]
+        )
     assert exc.value.code == 2
     with pytest.raises(ValueError, match="expansion_index"):
         BuildConfig(gallery=paths["gallery"], root=tmp_path, expansion_index="flat")

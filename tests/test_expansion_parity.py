@@ -15,8 +15,10 @@ from index_builder.inputs import as_source
 def ours_with_sets(x: np.ndarray, qe_k: int, alpha: float, qe_times: int, block_size: int = 97):
     sets: list[np.ndarray] = []
     out, report = expand_source(
-        as_source(x), AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
-        block_size=block_size, on_level=lambda t, u, norms, knn: sets.append(knn.ids.copy()),
+        as_source(x),
+        AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
+        block_size=block_size,
+        on_level=lambda t, u, norms, knn: sets.append(knn.ids.copy()),
         show_progress=False,
     )
     return out, sets, report

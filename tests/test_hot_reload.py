@@ -21,8 +21,16 @@ def test_swaps_under_concurrent_searches(tmp_path, small_gallery):
     root = tmp_path / "root"
 
     def publish() -> str:
-        return build(BuildConfig(gallery=paths["gallery"], ids=paths["ids"], root=root,
-                                 params=AqeParams(qe_k=5), keep=10, show_progress=False)).version
+        return build(
+            BuildConfig(
+                gallery=paths["gallery"],
+                ids=paths["ids"],
+                root=root,
+                params=AqeParams(qe_k=5),
+                keep=10,
+                show_progress=False,
+            )
+        ).version
 
     history: list[tuple[float, str]] = [(time.monotonic(), publish())]
     settings = Settings(index_root=root, reload_interval_s=0.05, admin_token="tok")
@@ -34,8 +42,7 @@ def test_swaps_under_concurrent_searches(tmp_path, small_gallery):
             out = []
             while not stop.is_set():
                 t0 = time.monotonic()
-                r = client.post("/search", json={"embedding": x[rng.integers(len(x))].tolist(),
-                                                 "k": 5})
+                r = client.post("/search", json={"embedding": x[rng.integers(len(x))].tolist(), "k": 5})
                 version = r.json().get("index_version") if r.status_code == 200 else None
                 out.append((t0, time.monotonic(), r.status_code, version))
             return out

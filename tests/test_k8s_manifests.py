@@ -113,8 +113,9 @@ def test_volume_claims_exist_and_index_is_read_only_for_search(objects) -> None:
             for m in c["volumeMounts"]:
                 assert m["name"] in volumes, (kind, m)
     index_claim = {
-        kind: {v["name"]: v for v in _pod(_one(objects, kind))["spec"]["volumes"]}["index"]
-        ["persistentVolumeClaim"]["claimName"]
+        kind: {v["name"]: v for v in _pod(_one(objects, kind))["spec"]["volumes"]}["index"][
+            "persistentVolumeClaim"
+        ]["claimName"]
         for kind in ("Deployment", "CronJob")
     }
     assert index_claim["Deployment"] == index_claim["CronJob"]

@@ -46,16 +46,19 @@ def workers(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize(("n", "d", "k", "tile"), [
-    (1, 4, 1, 1),        # a single row
-    (40, 4, 3, 1),       # tiles of one row
-    (37, 8, 37, 5),      # k = n, n not divisible by the tile
-    (101, 16, 1, 7),     # k = 1: each row's own
-    (257, 24, 10, 64),   # odd n, last tile of one row
-    (500, 24, 7, 33),
-    (300, 12, 10, 1000),  # one tile holds everything
-    (64, 8, 20, 4),      # k larger than the tile
-])
+@pytest.mark.parametrize(
+    ("n", "d", "k", "tile"),
+    [
+        (1, 4, 1, 1),  # a single row
+        (40, 4, 3, 1),  # tiles of one row
+        (37, 8, 37, 5),  # k = n, n not divisible by the tile
+        (101, 16, 1, 7),  # k = 1: each row's own
+        (257, 24, 10, 64),  # odd n, last tile of one row
+        (500, 24, 7, 33),
+        (300, 12, 10, 1000),  # one tile holds everything
+        (64, 8, 20, 4),  # k larger than the tile
+    ],
+)
 def test_symmetric_kernel_equals_brute_force(n, d, k, tile, workers):
     u, _ = normalize_rows(random_data(n, d, seed=n + d))
     sims, ids = knn.symmetric_self_knn(u, k, tile)
@@ -69,7 +72,7 @@ def test_symmetric_kernel_equals_brute_force(n, d, k, tile, workers):
 @pytest.mark.parametrize("tile", [5, 9, 128])
 def test_symmetric_kernel_with_duplicates_differs_only_inside_ties(tile, workers):
     x = clustered_data(400, 16, seed=4)  # exact duplicate rows: ties at the k-th place
-    x[100:120] = x[99]                    # and a block of 21 identical rows (k = 10 inside it)
+    x[100:120] = x[99]  # and a block of 21 identical rows (k = 10 inside it)
     u, _ = normalize_rows(x)
     sims, ids = knn.symmetric_self_knn(u, 10, tile)
     assert_exact_topk(u, ids, sims, 10)
@@ -110,33 +113,42 @@ def test_worker_errors_reach_the_caller(monkeypatch):
         knn._run([1, 2, 3], boom, 2, lambda t: None)
 
 
-@pytest.mark.parametrize(("kind", "n", "d", "qe_k", "alpha", "qe_times"), [
-    ("random", 400, 512, 10, 3.0, 2),
-    ("clustered", 1000, 64, 10, 3.0, 2),
-    ("clustered", 300, 64, 10, 0.5, 2),
-])
+@pytest.mark.parametrize(
+    ("kind", "n", "d", "qe_k", "alpha", "qe_times"),
+    [
+        ("random", 400, 512, 10, 3.0, 2),
+        ("clustered", 1000, 64, 10, 3.0, 2),
+        ("clustered", 300, 64, 10, 0.5, 2),
+    ],
+)
 def test_aqe_parity_through_the_symmetric_kernel(kind, n, d, qe_k, alpha, qe_times):
     make = clustered_data if kind == "clustered" else random_data
     x = make(n, d, seed=n + d)
     nq = n // 10
     ref_q, ref_g, rounds = reference_aqe(x[:nq], x[nq:], qe_times, qe_k, alpha)
     sets: list[np.ndarray] = []
-    ours, _ = expand_source(as_source(x), AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
-                            KnnSpec(exact_kernel="symmetric"), block_size=97,
-                            on_level=lambda t, u, norms, r: sets.append(r.ids.copy()),
-                            show_progress=False)
+    ours, _ = expand_source(
+        as_source(x),
+        AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
+        KnnSpec(exact_kernel="symmetric"),
+        block_size=97,
+        on_level=lambda t, u, norms, r: sets.append(r.ids.copy()),
+        show_progress=False,
+    )
     assert_parity(ours, sets, np.concatenate([ref_q, ref_g]), rounds)
 
 
 # -- batch search over inverted lists -----------------------------------------------------------
+
 
 @pytest.mark.parametrize(("nprobe", "workers"), [(1, 2), (4, 1), (32, 2)])
 def test_batch_lists_finds_what_row_by_row_ivf_search_finds(nprobe, workers, monkeypatch):
     monkeypatch.setattr(knn, "_workers", lambda: workers)
     u, _ = normalize_rows(clustered_data(2000, 32, seed=2))
     plain = self_knn(u, 10, KnnSpec(method="IVF32,Flat", nprobe=nprobe, recall_sample=500), 512)
-    batch = self_knn(u, 10, KnnSpec(method="IVF32,Flat", nprobe=nprobe, recall_sample=500,
-                                    batch_lists=True), 512)
+    batch = self_knn(
+        u, 10, KnnSpec(method="IVF32,Flat", nprobe=nprobe, recall_sample=500, batch_lists=True), 512
+    )
     # same candidates (the nprobe nearest lists), so the same top-k values row by row...
     np.testing.assert_allclose(batch.sims, plain.sims, atol=TIE)
     # ...and the same sets except inside ties
@@ -154,8 +166,7 @@ def test_batch_lists_finds_what_row_by_row_ivf_search_finds(nprobe, workers, mon
 def test_batch_lists_sorted_exact_cosines_and_chunked_lists(monkeypatch):
     monkeypatch.setattr(knn, "SYMMETRIC_TILE", 8)  # lists split into chunks of 64 / size rows
     u, _ = normalize_rows(random_data(800, 16, seed=8))
-    res = self_knn(u, 5, KnnSpec(method="IVF4,Flat", nprobe=4, batch_lists=True, train_size=800),
-                   100)
+    res = self_knn(u, 5, KnnSpec(method="IVF4,Flat", nprobe=4, batch_lists=True, train_size=800), 100)
     assert_exact_topk(u, res.ids, res.sims, 5)
     assert res.recall == 1.0
 
@@ -188,10 +199,16 @@ def test_auto_serves_large_galleries_with_ivf_near_4_sqrt_n():
     assert choose_serving_method(10_000_000, 64, 16.0)[0] == "IVF16384,Flat"
 
 
-@pytest.mark.parametrize(("n", "d", "budget"), [
-    (1_000_000, 256, 4.0), (1_000_000, 256, 0.5), (1_000_000, 256, 0.1), (5_000_000, 768, 2.0),
-    (100_000, 4096, 1.0),  # small, but flat (1.5 GiB) does not fit: approximate
-])
+@pytest.mark.parametrize(
+    ("n", "d", "budget"),
+    [
+        (1_000_000, 256, 4.0),
+        (1_000_000, 256, 0.5),
+        (1_000_000, 256, 0.1),
+        (5_000_000, 768, 2.0),
+        (100_000, 4096, 1.0),  # small, but flat (1.5 GiB) does not fit: approximate
+    ],
+)
 def test_auto_stays_within_the_memory_budget(n, d, budget):
     method, _ = choose_serving_method(n, d, budget)
     assert method != "exact"
@@ -215,31 +232,36 @@ def test_auto_refuses_a_budget_nothing_fits():
 
 def test_auto_builds_records_and_measures_the_chosen_index(monkeypatch):
     u, _ = normalize_rows(clustered_data(4000, 32, seed=12))
-    index, entry = build_serving_index(u, ServingSpec(method="auto", recall_sample=300), 1024,
-                                       show_progress=False)
+    index, entry = build_serving_index(
+        u, ServingSpec(method="auto", recall_sample=300), 1024, show_progress=False
+    )
     assert entry.spec == "exact" and entry.index_type.startswith("IndexFlat")
     assert entry.recall_at_k is None and index.ntotal == 4000
     monkeypatch.setattr(build_mod, "AUTO_EXACT_MAX_N", 1000)
-    index, entry = build_serving_index(u, ServingSpec(method="auto", recall_sample=300), 1024,
-                                       show_progress=False)
+    index, entry = build_serving_index(
+        u, ServingSpec(method="auto", recall_sample=300), 1024, show_progress=False
+    )
     assert entry.spec == "IVF64,Flat" and entry.index_type == "IndexIVFFlat"
     assert entry.nprobe in (*build_mod.AUTO_NPROBE_LADDER, 64)
     assert entry.recall_at_k >= 0.95 and entry.recall_sample == 300
     # the smallest nprobe of the ladder that reaches the target: the one before it does not
     xq = u[knn.sample_rows(4000, 300, 0)]
     truth = knn.exact_knn(xq, u, 10)[1]
-    assert set_recall(index.search(xq, 10, params=faiss.SearchParametersIVF(
-        nprobe=entry.nprobe))[1], truth) == pytest.approx(entry.recall_at_k)
+    assert set_recall(
+        index.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=entry.nprobe))[1], truth
+    ) == pytest.approx(entry.recall_at_k)
     smaller = [p for p in build_mod.AUTO_NPROBE_LADDER if p < entry.nprobe]
     if smaller:
-        below = set_recall(index.search(xq, 10, params=faiss.SearchParametersIVF(
-            nprobe=smaller[-1]))[1], truth)
+        below = set_recall(
+            index.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=smaller[-1]))[1], truth
+        )
         assert below < 0.95
     # the service's exact fallback under filters reconstructs rows: IVF needs the direct map
     np.testing.assert_allclose(index.reconstruct_batch(np.array([0, 5, 3999])), u[[0, 5, 3999]])
     # a given nprobe is kept, not tuned
-    _, entry = build_serving_index(u, ServingSpec(method="auto", nprobe=2, recall_sample=300), 1024,
-                                   show_progress=False)
+    _, entry = build_serving_index(
+        u, ServingSpec(method="auto", nprobe=2, recall_sample=300), 1024, show_progress=False
+    )
     assert entry.nprobe == 2 and entry.recall_at_k < 1
 
 
@@ -249,8 +271,18 @@ def test_cli_serving_index_auto_and_fast_knn_flags(tmp_path, small_gallery):
 
     _, paths = small_gallery
     root = tmp_path / "root"
-    args = ["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress",
-            "--serving-index", "auto", "--serving-memory-budget-gib", "1"]
+    args = [
+        "build",
+        "--gallery",
+        str(paths["gallery"]),
+        "--root",
+        str(root),
+        "--no-progress",
+        "--serving-index",
+        "auto",
+        "--serving-memory-budget-gib",
+        "1",
+    ]
     assert main([*args, "--exact-kernel", "symmetric"]) == 0
     assert main([*args, "--knn", "IVF8,Flat", "--nprobe", "8", "--batch-lists"]) == 0
     first, second = artifact.version_ids(root)

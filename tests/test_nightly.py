@@ -31,8 +31,9 @@ def gallery(tmp_path: Path) -> Path:
 
 
 def _run(gallery: Path, root: Path, *extra: str) -> int:
-    return cli.main(["nightly", "--gallery", str(gallery), "--root", str(root), "--qe-k", "3",
-                     "--no-progress", *extra])
+    return cli.main(
+        ["nightly", "--gallery", str(gallery), "--root", str(root), "--qe-k", "3", "--no-progress", *extra]
+    )
 
 
 def _tree(root: Path) -> dict[str, float]:
@@ -100,8 +101,7 @@ def test_other_failure_exits_1_and_is_recorded(gallery: Path, tmp_path: Path) ->
     assert artifact.current_version(root) is None
 
 
-def test_second_run_is_refused_while_the_first_holds_the_lock(gallery: Path,
-                                                              tmp_path: Path) -> None:
+def test_second_run_is_refused_while_the_first_holds_the_lock(gallery: Path, tmp_path: Path) -> None:
     root = tmp_path / "index"
     started, release = threading.Event(), threading.Event()
     results: list[tuple[int, object]] = []
@@ -111,10 +111,8 @@ def test_second_run_is_refused_while_the_first_holds_the_lock(gallery: Path,
         assert release.wait(30)
         return build(config)
 
-    config = BuildConfig(gallery=gallery, root=root, params=AqeParams(qe_k=3),
-                         show_progress=False)
-    first = threading.Thread(target=lambda: results.append(
-        nightly.run_nightly(config, build_fn=slow_build)))
+    config = BuildConfig(gallery=gallery, root=root, params=AqeParams(qe_k=3), show_progress=False)
+    first = threading.Thread(target=lambda: results.append(nightly.run_nightly(config, build_fn=slow_build)))
     first.start()
     try:
         assert started.wait(30)
@@ -143,8 +141,7 @@ def test_lock_is_refused_across_processes(gallery: Path, tmp_path: Path) -> None
         f"sys.exit(cli.main(['nightly', '--gallery', {str(gallery)!r}, '--root', {str(root)!r}]))\n"
     )
     with nightly.exclusive_lock(root):
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == errors.EXIT_LOCKED, proc.stderr
     assert "another build holds" in proc.stderr
     assert artifact.current_version(root) is None
@@ -206,8 +203,7 @@ def test_staleness_seconds() -> None:
 
 def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:
     t = datetime(2030, 6, 1, 2, 0, tzinfo=UTC)
-    config = BuildConfig(gallery=gallery, root=tmp_path, params=AqeParams(qe_k=3),
-                         show_progress=False)
+    config = BuildConfig(gallery=gallery, root=tmp_path, params=AqeParams(qe_k=3), show_progress=False)
     code, status = nightly.run_nightly(config, clock=lambda: t)
     assert code == 0
     assert status is not None
@@ -215,10 +211,13 @@ def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:
     assert staleness_seconds(artifact.read_status(tmp_path), t + timedelta(days=1)) == 86400
 
 
-def test_index_builder_nightly_command(gallery: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_index_builder_nightly_command(
+    gallery: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path / "index"
-    assert cli.main(["nightly", "--gallery", str(gallery), "--root", str(root), "--qe-k", "3",
-                     "--no-progress"]) == 0
+    assert (
+        cli.main(["nightly", "--gallery", str(gallery), "--root", str(root), "--qe-k", "3", "--no-progress"])
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed["last_success"]["version"] == artifact.current_version(root)

@@ -15,9 +15,14 @@ from index_builder.expansion import AqeParams
 
 def _searcher(tmp_path, g, qe_k, alpha, qe_times) -> Searcher:
     np.save(tmp_path / "g.npy", g)
-    build(BuildConfig(gallery=tmp_path / "g.npy", root=tmp_path / "root",
-                      params=AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
-                      show_progress=False))
+    build(
+        BuildConfig(
+            gallery=tmp_path / "g.npy",
+            root=tmp_path / "root",
+            params=AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
+            show_progress=False,
+        )
+    )
     return Searcher(artifact.load(tmp_path / "root"))
 
 
@@ -29,8 +34,7 @@ def test_expanded_query_equals_the_reference_row(tmp_path, qe_k, alpha):
     ours = s.expand(queries)
     for i, q in enumerate(queries):
         ref_q, _, _ = reference_aqe(q[None], g, 1, qe_k, alpha)
-        np.testing.assert_allclose(ours[i], ref_q[0], rtol=0,
-                                   atol=1e-5 * np.linalg.norm(ref_q[0]))
+        np.testing.assert_allclose(ours[i], ref_q[0], rtol=0, atol=1e-5 * np.linalg.norm(ref_q[0]))
 
 
 def test_two_rounds_follow_the_serving_contract(tmp_path):

@@ -26,8 +26,8 @@ def labelled(n_ids: int = 60, per_id: int = 4, d: int = 16, noise: float = 0.6, 
 def write(tmp_path, x, labels, name="set"):
     np.save(tmp_path / f"{name}.npy", x)
     (tmp_path / f"{name}.csv").write_text(
-        "pid,camid\n" + "".join(f"{p},{c}\n" for p, c in zip(labels.pids, labels.camids,
-                                                             strict=True)))
+        "pid,camid\n" + "".join(f"{p},{c}\n" for p, c in zip(labels.pids, labels.camids, strict=True))
+    )
     return tmp_path / f"{name}.npy", tmp_path / f"{name}.csv"
 
 
@@ -39,7 +39,11 @@ def test_blockwise_metrics_equal_one_dense_matrix(monkeypatch):
     dense = rank_metrics(
         (x[q] / np.linalg.norm(x[q], axis=1, keepdims=True))
         @ (x[g] / np.linalg.norm(x[g], axis=1, keepdims=True)).T,
-        lab.pids[q], lab.pids[g], lab.camids[q], lab.camids[g])
+        lab.pids[q],
+        lab.pids[g],
+        lab.camids[q],
+        lab.camids[g],
+    )
     monkeypatch.setattr(quality, "SIM_BLOCK_ELEMENTS", 7 * len(g))  # 7 queries a block
     blocks = cosine_metrics(x[q], x[g], lab[q], lab[g])
     assert blocks.mean_ap == pytest.approx(dense.mean_ap)
@@ -51,10 +55,36 @@ def test_blockwise_metrics_equal_one_dense_matrix(monkeypatch):
 def test_evaluate_reports_every_method_and_writes_json_and_plots(tmp_path, capsys):
     x, lab = labelled(seed=2)
     feats, meta = write(tmp_path, x, lab)
-    assert main(["evaluate", "--features", str(feats), "--metadata", str(meta),
-                 "--max-queries", "40", "--qe-k", "3", "--knn", "IVF4,Flat", "--nprobe", "1",
-                 "--served-k", "20", "--sweep-qe-k", "1,3", "--sweep-alpha", "1,3",
-                 "--json", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--features",
+                str(feats),
+                "--metadata",
+                str(meta),
+                "--max-queries",
+                "40",
+                "--qe-k",
+                "3",
+                "--knn",
+                "IVF4,Flat",
+                "--nprobe",
+                "1",
+                "--served-k",
+                "20",
+                "--sweep-qe-k",
+                "1,3",
+                "--sweep-alpha",
+                "1,3",
+                "--json",
+                str(tmp_path / "r.json"),
+                "--plots",
+                str(tmp_path / "plots"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "r.json").read_text())
     names = list(report["table"])
@@ -77,8 +107,22 @@ def test_gate_refuses_a_build_whose_aqe_lowers_map(tmp_path, caplog):
     x, lab = labelled(n_ids=150, per_id=2, noise=0.8, seed=3)
     feats, meta = write(tmp_path, x, lab)
     root = tmp_path / "root"
-    args = ["build", "--gallery", str(feats), "--metadata", str(meta), "--root", str(root),
-            "--quality-sample", "100", "--qe-k", "10", "--min-map-gain", "0", "--no-progress"]
+    args = [
+        "build",
+        "--gallery",
+        str(feats),
+        "--metadata",
+        str(meta),
+        "--root",
+        str(root),
+        "--quality-sample",
+        "100",
+        "--qe-k",
+        "10",
+        "--min-map-gain",
+        "0",
+        "--no-progress",
+    ]
     assert main(args) == 4
     assert "quality gate refused the build: AQE changes mAP by -" in caplog.text
     assert artifact.current_version(root) is None and artifact.version_ids(root) == []
@@ -97,10 +141,26 @@ def test_gate_on_graph_recall_and_separate_validation_queries(tmp_path, caplog):
     vq, vlab = labelled(n_ids=100, per_id=1, noise=0.5, seed=4)  # same centres, new samples
     vfeats, vmeta = write(tmp_path, vq + 0.01, Labels(vlab.pids, vlab.camids + 9), "val")
     root = tmp_path / "root"
-    base = ["build", "--gallery", str(feats), "--metadata", str(meta), "--root", str(root),
-            "--quality-queries", str(vfeats), "--quality-labels", str(vmeta), "--no-progress"]
+    base = [
+        "build",
+        "--gallery",
+        str(feats),
+        "--metadata",
+        str(meta),
+        "--root",
+        str(root),
+        "--quality-queries",
+        str(vfeats),
+        "--quality-labels",
+        str(vmeta),
+        "--no-progress",
+    ]
     assert main([*base, "--knn", "IVF16,Flat", "--nprobe", "1", "--min-graph-recall", "0.99"]) == 4
     assert "graph recall" in caplog.text and artifact.current_version(root) is None
     assert main([*base, "--qe-k", "3", "--min-graph-recall", "0.99"]) == 0
-    assert main(["build", "--gallery", str(feats), "--root", str(root), "--quality-sample", "5",
-                 "--no-progress"]) == 2  # the gate needs labels: a clear error
+    assert (
+        main(
+            ["build", "--gallery", str(feats), "--root", str(root), "--quality-sample", "5", "--no-progress"]
+        )
+        == 2
+    )  # the gate needs labels: a clear error

@@ -31,9 +31,17 @@ ADMIN = {"Authorization": "Bearer adm1n"}
 
 def publish(root: Path, paths: dict[str, Path]) -> str:
     """Build and publish one more good version (keeping every older one)."""
-    return build(BuildConfig(gallery=paths["gallery"], ids=paths["ids"], metadata=paths["metadata"],
-                             root=root, params=AqeParams(qe_k=5), keep=50,
-                             show_progress=False)).version
+    return build(
+        BuildConfig(
+            gallery=paths["gallery"],
+            ids=paths["ids"],
+            metadata=paths["metadata"],
+            root=root,
+            params=AqeParams(qe_k=5),
+            keep=50,
+            show_progress=False,
+        )
+    ).version
 
 
 def edit_manifest(vdir: Path, change: Callable[[dict], object]) -> None:
@@ -69,38 +77,61 @@ def drop_field(field: str) -> Callable[[dict], object]:
 
 
 CORRUPTIONS: dict[str, tuple[Callable[[Path], object], str]] = {
-    "truncated index file": (lambda v: truncate(v / "serving.faiss"),
-                             r"serving\.faiss: \d+ bytes, manifest says \d+"),
+    "truncated index file": (
+        lambda v: truncate(v / "serving.faiss"),
+        r"serving\.faiss: \d+ bytes, manifest says \d+",
+    ),
     "flipped bytes": (lambda v: flip_bytes(v / "level_0.npy"), r"level_0\.npy: checksum mismatch"),
     "missing file": (lambda v: (v / "level_0_norms.npy").unlink(), r"level_0_norms\.npy: missing"),
     "missing manifest": (lambda v: (v / "manifest.json").unlink(), r"no manifest"),
-    "manifest does not parse": (lambda v: (v / "manifest.json").write_text('{"format_version": 1,'),
-                                r"manifest does not parse"),
-    "manifest is not an object": (lambda v: (v / "manifest.json").write_text("[1, 2]"),
-                                  r"format version None, this build reads 1"),
-    "wrong format version": (lambda v: edit_manifest(v, lambda m: m.update(format_version=2)),
-                             r"format version 2, this build reads 1"),
-    "manifest misses a field": (lambda v: edit_manifest(v, drop_field("levels")),
-                                r"invalid manifest.*levels"),
-    "manifest d differs from the arrays": (lambda v: edit_manifest(v, lambda m: m.update(d=31)),
-                                           r"level_0\.npy: float32 \(600, 32\), expected \(600, 31\)"),
-    "manifest n differs from the arrays": (lambda v: edit_manifest(v, lambda m: m.update(n=601)),
-                                           r"expected \(601, 32\)"),
+    "manifest does not parse": (
+        lambda v: (v / "manifest.json").write_text('{"format_version": 1,'),
+        r"manifest does not parse",
+    ),
+    "manifest is not an object": (
+        lambda v: (v / "manifest.json").write_text("[1, 2]"),
+        r"format version None, this build reads 1",
+    ),
+    "wrong format version": (
+        lambda v: edit_manifest(v, lambda m: m.update(format_version=2)),
+        r"format version 2, this build reads 1",
+    ),
+    "manifest misses a field": (
+        lambda v: edit_manifest(v, drop_field("levels")),
+        r"invalid manifest.*levels",
+    ),
+    "manifest d differs from the arrays": (
+        lambda v: edit_manifest(v, lambda m: m.update(d=31)),
+        r"level_0\.npy: float32 \(600, 32\), expected \(600, 31\)",
+    ),
+    "manifest n differs from the arrays": (
+        lambda v: edit_manifest(v, lambda m: m.update(n=601)),
+        r"expected \(601, 32\)",
+    ),
     "array of another dimension, re-checksummed": (
         lambda v: replace_file(v, "level_0.npy", np.ones((600, 16), np.float32)),
-        r"level_0\.npy: float32 \(600, 16\), expected \(600, 32\)"),
+        r"level_0\.npy: float32 \(600, 16\), expected \(600, 32\)",
+    ),
     "array of another dtype, re-checksummed": (
         lambda v: replace_file(v, "level_0.npy", np.ones((600, 32), np.float64)),
-        r"level_0\.npy: float64 \(600, 32\), expected \(600, 32\)"),
+        r"level_0\.npy: float64 \(600, 32\), expected \(600, 32\)",
+    ),
     "ids of another length, re-checksummed": (
         lambda v: replace_file(v, "ids.npy", np.array(["a"] * 599)),
-        r"ids\.npy: .*\(599,\), expected \(600,\)"),
+        r"ids\.npy: .*\(599,\), expected \(600,\)",
+    ),
     "serving index of another dimension, re-checksummed": (
-        lambda v: _replace_index(v, 16), r"serving\.faiss: 600 x 16, expected 600 x 32"),
-    "truncated .npy, re-checksummed": (lambda v: _truncate_rechecksum(v, "level_0_norms.npy"),
-                                       r"level_0_norms\.npy: unreadable"),
-    "truncated index, re-checksummed": (lambda v: _truncate_rechecksum(v, "serving.faiss"),
-                                        r"serving\.faiss: FAISS cannot read it"),
+        lambda v: _replace_index(v, 16),
+        r"serving\.faiss: 600 x 16, expected 600 x 32",
+    ),
+    "truncated .npy, re-checksummed": (
+        lambda v: _truncate_rechecksum(v, "level_0_norms.npy"),
+        r"level_0_norms\.npy: unreadable",
+    ),
+    "truncated index, re-checksummed": (
+        lambda v: _truncate_rechecksum(v, "serving.faiss"),
+        r"serving\.faiss: FAISS cannot read it",
+    ),
 }
 
 
@@ -111,15 +142,21 @@ def _replace_index(vdir: Path, d: int) -> None:
     index.add(np.ones((600, d), np.float32))
     faiss.write_index(index, str(vdir / "serving.faiss"))
     data = (vdir / "serving.faiss").read_bytes()
-    edit_manifest(vdir, lambda m: m["files"].update(
-        {"serving.faiss": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}))
+    edit_manifest(
+        vdir,
+        lambda m: m["files"].update(
+            {"serving.faiss": {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}
+        ),
+    )
 
 
 def _truncate_rechecksum(vdir: Path, name: str) -> None:
     truncate(vdir / name)
     data = (vdir / name).read_bytes()
-    edit_manifest(vdir, lambda m: m["files"].update(
-        {name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}))
+    edit_manifest(
+        vdir,
+        lambda m: m["files"].update({name: {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}}),
+    )
 
 
 @pytest.fixture
@@ -193,8 +230,7 @@ def test_bad_current_pointer_is_refused_and_the_old_version_serves(served, point
     assert_still_serving(client, x, v1)
 
 
-def test_watcher_refuses_a_corrupt_version_without_an_admin_call(tmp_path, built_root,
-                                                                 small_gallery):
+def test_watcher_refuses_a_corrupt_version_without_an_admin_call(tmp_path, built_root, small_gallery):
     x, paths = small_gallery
     root = tmp_path / "root"
     shutil.copytree(built_root, root)
@@ -231,8 +267,7 @@ def test_without_checksums_the_load_time_checks_still_refuse(tmp_path, built_roo
     root = tmp_path / "root"
     shutil.copytree(built_root, root)
     v1 = artifact.current_version(root)
-    settings = Settings(index_root=root, reload_interval_s=0, admin_token="adm1n",
-                        verify_checksums=False)
+    settings = Settings(index_root=root, reload_interval_s=0, admin_token="adm1n", verify_checksums=False)
     with TestClient(create_app(settings)) as client:
         for damage, reason in [
             (lambda v: truncate(v / "serving.faiss"), "serving.faiss: FAISS cannot read it"),
@@ -258,8 +293,12 @@ def test_object_dtype_npy_is_refused_not_unpickled(tmp_path, built_root, small_g
     with TestClient(create_app(settings)) as client:
         v2 = publish(root, paths)
         canary = tmp_path / "unpickled"
-        replace_file(root / "versions" / v2, name,
-                     np.array([_Canary(str(canary))] * 600, dtype=object), allow_pickle=True)
+        replace_file(
+            root / "versions" / v2,
+            name,
+            np.array([_Canary(str(canary))] * 600, dtype=object),
+            allow_pickle=True,
+        )
         r = client.post("/admin/reload", headers=ADMIN)
         assert r.status_code == 409, r.text
         error = r.json()["error"]

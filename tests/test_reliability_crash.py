@@ -27,9 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 def crash_test(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "crash.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "crash_test.py"), *args,
-                           "--no-faults", "--json", str(out)],
-                          capture_output=True, text=True, timeout=150)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "crash_test.py"), *args, "--no-faults", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     record = json.loads(out.read_text())
     assert all(record["checks"].values()), record["checks"]
@@ -40,8 +43,21 @@ def crash_test(tmp_path: Path, *args: str) -> dict:
 def test_twenty_killed_builds_leave_a_consistent_index_root(tmp_path):
     # --launcher fork: cli.main() in processes forked from a server that imported the builder,
     # so the 20 kills cost build time only, not 20 interpreter start-ups.
-    record = crash_test(tmp_path, "--launcher", "fork", "--kills", "20", "--small-kills", "0",
-                        "--rows", "8000", "--dim", "32", "--recover-every", "7")
+    record = crash_test(
+        tmp_path,
+        "--launcher",
+        "fork",
+        "--kills",
+        "20",
+        "--small-kills",
+        "0",
+        "--rows",
+        "8000",
+        "--dim",
+        "32",
+        "--recover-every",
+        "7",
+    )
     assert record["killed"] >= 20
     phases = set(record["phases"]) - {"completed before the kill"}
     assert len(phases) >= 3, phases
@@ -52,8 +68,19 @@ def test_twenty_killed_builds_leave_a_consistent_index_root(tmp_path):
 @pytest.mark.slow
 def test_killed_cli_processes_leave_a_consistent_index_root(tmp_path):
     """A few kills of the real thing: ``python -m index_builder.cli build`` processes."""
-    record = crash_test(tmp_path, "--kills", "4", "--small-kills", "0", "--rows", "3000",
-                        "--dim", "32", "--recover-every", "4")
+    record = crash_test(
+        tmp_path,
+        "--kills",
+        "4",
+        "--small-kills",
+        "0",
+        "--rows",
+        "3000",
+        "--dim",
+        "32",
+        "--recover-every",
+        "4",
+    )
     assert record["killed"] >= 4 and len(record["recoveries"]) >= 1
 
 
@@ -67,8 +94,11 @@ def root(tmp_path, built_root) -> Path:
 
 def snapshot(root: Path) -> tuple[str | None, list[str], list[str]]:
     """current, the versions, and any staging directories."""
-    return (artifact.current_version(root), artifact.version_ids(root),
-            sorted(p.name for p in root.glob(f"{artifact.STAGING_PREFIX}*")))
+    return (
+        artifact.current_version(root),
+        artifact.version_ids(root),
+        sorted(p.name for p in root.glob(f"{artifact.STAGING_PREFIX}*")),
+    )
 
 
 @pytest.fixture
@@ -100,11 +130,9 @@ def bad_inputs(tmp_path, small_gallery) -> dict[str, Path]:
         (["--gallery", "{gallery}", "--metadata", "{meta_bin}"], "meta.bin: cannot read metadata"),
     ],
 )
-def test_unusable_input_fails_cleanly_and_publishes_nothing(root, bad_inputs, caplog, args,
-                                                            message):
+def test_unusable_input_fails_cleanly_and_publishes_nothing(root, bad_inputs, caplog, args, message):
     before = snapshot(root)
-    argv = ["build", *(a.format(**bad_inputs) for a in args), "--root", str(root),
-            "--no-progress"]
+    argv = ["build", *(a.format(**bad_inputs) for a in args), "--root", str(root), "--no-progress"]
     with caplog.at_level(logging.ERROR):
         assert builder(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -116,9 +144,23 @@ def test_a_fifo_as_gallery_is_refused_not_waited_on(tmp_path, root):
     fifo = tmp_path / "gallery.npy"
     os.mkfifo(fifo)
     try:
-        proc = subprocess.run([sys.executable, "-m", "index_builder.cli", "build", "--gallery",
-                               str(fifo), "--root", str(root), "--no-progress"], cwd=REPO,
-                              capture_output=True, text=True, timeout=5)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "index_builder.cli",
+                "build",
+                "--gallery",
+                str(fifo),
+                "--root",
+                str(root),
+                "--no-progress",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
     except subprocess.TimeoutExpired:
         pytest.fail("index-builder build still waits on the FIFO after 5 s")
     assert proc.returncode == 2 and "gallery.npy" in proc.stderr
@@ -141,8 +183,7 @@ def test_full_disk_publishes_nothing_and_cleans_up(root, small_gallery, monkeypa
     target, fake = FULL_DISK_AT[where]
     monkeypatch.setattr(target, fake)
     before = snapshot(root)
-    status = builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root),
-                      "--no-progress"])
+    status = builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"])
     assert status == 1
     assert snapshot(root) == before
 
@@ -151,8 +192,7 @@ def test_full_disk_is_reported_as_a_clear_error(root, small_gallery, monkeypatch
     _, paths = small_gallery
     monkeypatch.setattr("numpy.save", _no_space)
     with caplog.at_level(logging.ERROR):
-        status = builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root),
-                          "--no-progress"])
+        status = builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"])
     assert status == 1
     assert any("No space left on device" in r.getMessage() for r in caplog.records)
 
@@ -161,17 +201,33 @@ def test_a_real_full_file_system(tmp_path):
     """A 10,000 x 64 build (2.5 MB a level) into a 2 MiB tmpfs (needs root and mount; skipped otherwise)."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         gallery = tmp_path / "gallery.npy"
         np.save(gallery, np.random.default_rng(0).standard_normal((10_000, 64), np.float32))
-        proc = subprocess.run([sys.executable, "-m", "index_builder.cli", "build", "--gallery",
-                               str(gallery), "--root", str(mnt / "root"), "--no-progress",
-                               "--threads", "1"], cwd=REPO, capture_output=True, text=True,
-                              timeout=60)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "index_builder.cli",
+                "build",
+                "--gallery",
+                str(gallery),
+                "--root",
+                str(mnt / "root"),
+                "--no-progress",
+                "--threads",
+                "1",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode != 0
         assert "written" in proc.stderr or "No space left" in proc.stderr, proc.stderr[-2000:]
         assert snapshot(mnt / "root") == (None, [], [])

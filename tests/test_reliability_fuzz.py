@@ -25,15 +25,23 @@ from service.settings import Settings
 
 D, MAX_K, MAX_BATCH = 32, 50, 8
 INT64 = 2**63 - 1
-FUZZ = settings(deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                       HealthCheck.filter_too_much])
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 
 
 @pytest.fixture(scope="module")
 def client(built_root):
-    s = Settings(index_root=built_root, reload_interval_s=0, max_k=MAX_K, max_batch=MAX_BATCH,
-                 max_body_bytes=256 * 1024)
+    s = Settings(
+        index_root=built_root,
+        reload_interval_s=0,
+        max_k=MAX_K,
+        max_batch=MAX_BATCH,
+        max_body_bytes=256 * 1024,
+    )
     with TestClient(create_app(s), raise_server_exceptions=False) as c:
         yield c
 
@@ -65,8 +73,9 @@ def check(r, queries: int | None = None, k: object = None) -> None:
 
 def post(client: TestClient, body: object):
     # json.dumps writes NaN / Infinity / -Infinity literals, as a sloppy client would
-    return client.post("/search", content=json.dumps(body).encode(),
-                       headers={"content-type": "application/json"})
+    return client.post(
+        "/search", content=json.dumps(body).encode(), headers={"content-type": "application/json"}
+    )
 
 
 def counted(test: Callable[[], None], sent: list[int], at_least: int) -> None:
@@ -79,8 +88,9 @@ numbers = st.one_of(
     st.floats(min_value=-10, max_value=10),
     st.integers(),
     st.integers(min_value=-(10**400), max_value=10**400),
-    st.sampled_from([0.0, -0.0, 1e-320, 5e-324, 1e-46, 3.4e38, 3.5e38, 1e39, 1e300, 1.7e308,
-                     2**64, -(2**63) - 1]),
+    st.sampled_from(
+        [0.0, -0.0, 1e-320, 5e-324, 1e-46, 3.4e38, 3.5e38, 1e39, 1e300, 1.7e308, 2**64, -(2**63) - 1]
+    ),
 )
 
 
@@ -88,8 +98,7 @@ def nested(leaf_numbers: st.SearchStrategy) -> st.SearchStrategy:
     """Any JSON value: scalars, lists and objects nested a few levels deep."""
     return st.recursive(
         st.none() | st.booleans() | leaf_numbers | st.text(max_size=8),
-        lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner,
-                                                                    max_size=4),
+        lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
         max_leaves=8,
     )
 
@@ -112,20 +121,29 @@ def _vector(dim: int, seed: int, specials: list[tuple[int, object]]) -> list:
 def vector(dim: st.SearchStrategy[int], wild: bool = True) -> st.SearchStrategy[list]:
     """A would-be embedding of ``dim`` values, with wrong-typed or extreme values when ``wild``."""
     special = (numbers | junk) if wild else numbers
-    return st.builds(_vector, dim, st.integers(0, 2**32),
-                     st.lists(st.tuples(st.integers(0, 10**6), special), max_size=3))
+    return st.builds(
+        _vector, dim, st.integers(0, 2**32), st.lists(st.tuples(st.integers(0, 10**6), special), max_size=3)
+    )
 
 
 dims = st.sampled_from([D, D, D, D, 0, 1, D - 1, D + 1, 3 * D])
 filter_value = st.one_of(
-    st.integers(-INT64 - 1, INT64), st.floats(), st.text(max_size=6), st.none(), st.booleans(),
+    st.integers(-INT64 - 1, INT64),
+    st.floats(),
+    st.text(max_size=6),
+    st.none(),
+    st.booleans(),
     st.lists(st.integers(-INT64 - 1, INT64) | st.text(max_size=4) | st.floats(), max_size=5),
     junk64,
 )
 filters = st.dictionaries(
     st.sampled_from(["camera", "ts", "label", "nope", ""]),
-    filter_value | st.dictionaries(st.sampled_from(["in", "not_in", "gt", "gte", "lt", "lte",
-                                                    "eq", "like", ""]), filter_value, max_size=3),
+    filter_value
+    | st.dictionaries(
+        st.sampled_from(["in", "not_in", "gt", "gte", "lt", "lte", "eq", "like", ""]),
+        filter_value,
+        max_size=3,
+    ),
     max_size=3,
 )
 search_bodies = st.fixed_dictionaries(
@@ -164,21 +182,34 @@ def test_well_formed_queries_with_random_values_and_filters(client):
     sent: list[int] = []
 
     @settings(FUZZ, max_examples=300)
-    @given(st.lists(vector(st.just(D), wild=False), min_size=1, max_size=MAX_BATCH),
-           st.integers(1, MAX_K),
-           filters, st.booleans(), st.booleans())
+    @given(
+        st.lists(vector(st.just(D), wild=False), min_size=1, max_size=MAX_BATCH),
+        st.integers(1, MAX_K),
+        filters,
+        st.booleans(),
+        st.booleans(),
+    )
     def run(rows, k, flt, expand, meta):
         sent.append(1)
-        r = post(client, {"embeddings": rows, "k": k, "filter": flt, "expand_query": expand,
-                          "with_metadata": meta})
+        r = post(
+            client, {"embeddings": rows, "k": k, "filter": flt, "expand_query": expand, "with_metadata": meta}
+        )
         check(r, len(rows), k)
 
     counted(run, sent, 300)
 
 
-CONTENT_TYPES = ["application/json", "application/json; charset=latin-1", "text/plain",
-                 "application/x-www-form-urlencoded", "multipart/form-data; boundary=xyz",
-                 "application/octet-stream", "application/json-patch+json", "", "*/*"]
+CONTENT_TYPES = [
+    "application/json",
+    "application/json; charset=latin-1",
+    "text/plain",
+    "application/x-www-form-urlencoded",
+    "multipart/form-data; boundary=xyz",
+    "application/octet-stream",
+    "application/json-patch+json",
+    "",
+    "*/*",
+]
 
 
 @pytest.mark.slow
@@ -188,7 +219,7 @@ def test_arbitrary_bytes_and_json_values_under_any_content_type(client):
         st.binary(max_size=300),
         junk.map(lambda v: json.dumps(v).encode()),
         st.text(max_size=200).map(str.encode),
-        st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n),   # deep nesting
+        st.integers(1, 5000).map(lambda n: b"[" * n + b"]" * n),  # deep nesting
         st.integers(1, 5000).map(lambda n: b'{"embedding": ' + b"[" * n),  # cut short
         junk.map(lambda v: json.dumps({"embedding": v}).encode()).map(lambda b: b[: len(b) // 2]),
     )
@@ -235,6 +266,13 @@ def test_filter_list_with_an_integer_beyond_int64_is_not_a_500(client, op):
 
 def test_filter_in_does_not_match_a_truncated_string(client):
     # labels are p0 .. p99 ('<U3'): "p10-and-more" must not match "p10"
-    r = post(client, {"embedding": [1.0] * D, "k": 10, "with_metadata": True,
-                      "filter": {"label": {"in": ["p10-and-more"]}}})
+    r = post(
+        client,
+        {
+            "embedding": [1.0] * D,
+            "k": 10,
+            "with_metadata": True,
+            "filter": {"label": {"in": ["p10-and-more"]}},
+        },
+    )
     assert r.status_code == 200 and r.json()["results"] == [[]], r.text

@@ -35,13 +35,15 @@ def rows(n: int, seed: int = 0) -> list[list[float]]:
 
 
 def refused_unparsed(client: TestClient) -> float:
-    m = re.search(r'^aqe_requests_total\{route="unmatched",status="413"\} (\S+)$',
-                  client.get("/metrics").text, re.M)
+    m = re.search(
+        r'^aqe_requests_total\{route="unmatched",status="413"\} (\S+)$', client.get("/metrics").text, re.M
+    )
     return float(m.group(1)) if m else 0.0
 
 
-@pytest.mark.parametrize(("k", "status"), [(1, 200), (MAX_K, 200), (MAX_K + 1, 400), (0, 400),
-                                           (-1, 400), (10**12, 400)])
+@pytest.mark.parametrize(
+    ("k", "status"), [(1, 200), (MAX_K, 200), (MAX_K + 1, 400), (0, 400), (-1, 400), (10**12, 400)]
+)
 def test_k_at_the_limit(client, k, status):
     r = client.post("/search", json={"embedding": rows(1)[0], "k": k})
     assert r.status_code == status, r.text
@@ -68,13 +70,14 @@ def test_an_oversized_batch_is_refused_before_it_is_parsed(client):
     before = refused_unparsed(client)
     r = client.post("/search", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 413
-    assert r.json()["detail"] == (f"request body over the {limit}-byte limit "
-                                  f"(AQE_MAX_BATCH={MAX_BATCH} queries of d={D})")
+    assert r.json()["detail"] == (
+        f"request body over the {limit}-byte limit (AQE_MAX_BATCH={MAX_BATCH} queries of d={D})"
+    )
     assert refused_unparsed(client) == before + 1
 
     def chunked():  # no content-length: cut off once the limit is passed
         for lo in range(0, len(body), 65536):
-            yield body[lo:lo + 65536]
+            yield body[lo : lo + 65536]
 
     r = client.post("/search", content=chunked(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and refused_unparsed(client) == before + 2
@@ -82,8 +85,10 @@ def test_an_oversized_batch_is_refused_before_it_is_parsed(client):
 
 def test_the_largest_legal_batch_fits_even_pretty_printed(client):
     """The derived limit leaves room for the verbose JSON a client may send (float64 reprs)."""
-    body = json.dumps({"embeddings": rows(MAX_BATCH), "k": MAX_K,
-                       "filter": {"camera": {"not_in": list(range(5000))}}}, indent=8).encode()
+    body = json.dumps(
+        {"embeddings": rows(MAX_BATCH), "k": MAX_K, "filter": {"camera": {"not_in": list(range(5000))}}},
+        indent=8,
+    ).encode()
     assert len(body) > MAX_BATCH * D * 30
     r = client.post("/search", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 200, r.text[:300]
@@ -127,8 +132,6 @@ def version_bytes(root, version: str | None) -> int:
     return sum(f.bytes for f in artifact.read_manifest(root, version).files.values())
 
 
-
-
 def test_a_version_over_the_memory_budget_is_refused_at_start_up(built_root):
     version = artifact.current_version(built_root)
     size = version_bytes(built_root, version)
@@ -144,20 +147,23 @@ def test_a_version_over_the_memory_budget_is_refused_at_start_up(built_root):
         assert c.get("/readyz").status_code == 200
 
 
-def test_a_bigger_version_over_the_budget_is_refused_and_the_old_one_serves(tmp_path,
-                                                                          small_gallery):
+def test_a_bigger_version_over_the_budget_is_refused_and_the_old_one_serves(tmp_path, small_gallery):
     x, _ = small_gallery
     root = tmp_path / "root"
     np.save(tmp_path / "small.npy", x[:300])
     np.save(tmp_path / "large.npy", x)
-    v1 = build(BuildConfig(gallery=tmp_path / "small.npy", root=root, params=AqeParams(qe_k=5),
-                           show_progress=False)).version
+    v1 = build(
+        BuildConfig(gallery=tmp_path / "small.npy", root=root, params=AqeParams(qe_k=5), show_progress=False)
+    ).version
     budget = version_bytes(root, v1) + 1000
     s = Settings(index_root=root, reload_interval_s=0, admin_token="t", max_index_bytes=budget)
     with TestClient(create_app(s)) as c:
         assert c.get("/readyz").json()["index_version"] == v1
-        v2 = build(BuildConfig(gallery=tmp_path / "large.npy", root=root,
-                               params=AqeParams(qe_k=5), show_progress=False)).version
+        v2 = build(
+            BuildConfig(
+                gallery=tmp_path / "large.npy", root=root, params=AqeParams(qe_k=5), show_progress=False
+            )
+        ).version
         r = c.post("/admin/reload", headers={"Authorization": "Bearer t"})
         assert r.status_code == 409 and "AQE_MAX_INDEX_BYTES" in r.json()["error"], r.text
         assert str(version_bytes(root, v2)) in r.json()["error"]

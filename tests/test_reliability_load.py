@@ -33,10 +33,29 @@ def load_test():
 def test_short_load_with_swaps(tmp_path):
     out = tmp_path / "load.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "load_test.py"), "--clients", "8",
-         "--duration", "8", "--rows", "2000", "--dim", "32", "--publish-every", "1.5",
-         "--reload-every", "1", "--reload-interval", "0.2", "--json", str(out)],
-        capture_output=True, text=True, timeout=90,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "load_test.py"),
+            "--clients",
+            "8",
+            "--duration",
+            "8",
+            "--rows",
+            "2000",
+            "--dim",
+            "32",
+            "--publish-every",
+            "1.5",
+            "--reload-every",
+            "1",
+            "--reload-interval",
+            "0.2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     s = json.loads(out.read_text())
@@ -51,8 +70,13 @@ def test_short_load_with_swaps(tmp_path):
 def test_version_checker_accepts_a_clean_timeline(load_test):
     R, P = load_test.Record, load_test.Publish
     publishes = [P(1.0, 1.5, "v2"), P(3.0, 3.5, "v3")]
-    records = [R(0.0, 0.1, 200, "v1"), R(1.4, 1.6, 200, "v2"), R(1.55, 1.7, 200, "v1"),
-               R(2.0, 2.1, 200, "v2"), R(3.6, 3.7, 200, "v3")]
+    records = [
+        R(0.0, 0.1, 200, "v1"),
+        R(1.4, 1.6, 200, "v2"),
+        R(1.55, 1.7, 200, "v1"),
+        R(2.0, 2.1, 200, "v2"),
+        R(3.6, 3.7, 200, "v3"),
+    ]
     assert load_test.check_versions(records, publishes, "v1", stale_after=0.5) == ([], [])
 
 

@@ -35,9 +35,20 @@ def client(built_root):
 
 @pytest.mark.parametrize(
     "header",
-    [None, "", "Bearer", "Bearer ", f"bearer {TOKEN}", f"Basic {TOKEN}", TOKEN,
-     f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", f"Bearer  {TOKEN}", f"Bearer {TOKEN} ",
-     f"Bearer {TOKEN.upper()}"],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"bearer {TOKEN}",
+        f"Basic {TOKEN}",
+        TOKEN,
+        f"Bearer {TOKEN[:-1]}",
+        f"Bearer {TOKEN}x",
+        f"Bearer  {TOKEN}",
+        f"Bearer {TOKEN} ",
+        f"Bearer {TOKEN.upper()}",
+    ],
 )
 def test_admin_reload_refuses_anything_but_the_exact_bearer_token(client, header):
     headers = {} if header is None else {"Authorization": header}
@@ -75,8 +86,12 @@ def test_without_a_token_admin_routes_are_off(built_root, monkeypatch, token):
     settings_ = Settings()  # type: ignore[call-arg]
     assert settings_.admin_token is None
     with TestClient(create_app(settings_)) as c:
-        for header in ({}, {"Authorization": "Bearer "}, {"Authorization": f"Bearer {token}"},
-                       {"Authorization": "Bearer None"}):
+        for header in (
+            {},
+            {"Authorization": "Bearer "},
+            {"Authorization": f"Bearer {token}"},
+            {"Authorization": "Bearer None"},
+        ):
             r = c.post("/admin/reload", headers=header)
             assert r.status_code == 404 and "AQE_ADMIN_TOKEN" in r.json()["detail"]
 
@@ -98,9 +113,10 @@ def _code_tokens(path: Path) -> list[tokenize.TokenInfo]:
     return [t for t in tokens if t.type not in (tokenize.COMMENT, tokenize.STRING)]
 
 
-SOURCES = sorted(p for pkg in ("index_builder", "service") for p in (REPO / pkg).rglob("*.py"))
-FORBIDDEN_NAMES = {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve", "eval", "exec",
-                   "__import__"}
+SOURCES = sorted(
+    p for pkg in ("aqe_retrieval", "index_builder", "service") for p in (REPO / pkg).rglob("*.py")
+)
+FORBIDDEN_NAMES = {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve", "eval", "exec", "__import__"}
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(REPO)))
@@ -111,7 +127,8 @@ def test_no_pickle_eval_or_exec_in_the_code(path):
     for i, t in enumerate(tokens[:-2]):
         if t.string == "allow_pickle":
             assert tokens[i + 1].string == "=" and tokens[i + 2].string == "False", (
-                f"{path}:{t.start[0]}: allow_pickle must be False")
+                f"{path}:{t.start[0]}: allow_pickle must be False"
+            )
     text = path.read_text(encoding="utf-8")
     assert "allow_pickle=True" not in text and "yaml.load(" not in text
 
@@ -121,13 +138,12 @@ def test_every_npy_load_refuses_pickles_explicitly(path):
     """``np.load`` defaults to allow_pickle=False today; every call still says so."""
     text = "".join(t.string + " " for t in _code_tokens(path))
     for call in re.finditer(r"np \. load \(", text):
-        args = text[call.end():call.end() + 300]
+        args = text[call.end() : call.end() + 300]
         assert "allow_pickle = False" in args.split(")")[0], f"{path}: np.load without allow_pickle"
 
 
 def _requirement_names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[<>=!~\[;\s]", r, maxsplit=1)[0].lower().replace("_", "-")
-            for r in requirements}
+    return {re.split(r"[<>=!~\[;\s]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements}
 
 
 def test_constraints_pin_every_dependency_exactly():

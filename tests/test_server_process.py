@@ -25,16 +25,38 @@ def free_port() -> int:
 def server(request, tmp_path, small_gallery):
     _, paths = small_gallery
     root = tmp_path / "root"
-    assert builder(["build", "--gallery", str(paths["gallery"]), "--ids", str(paths["ids"]),
-                    "--metadata", str(paths["metadata"]), "--root", str(root), "--qe-k", "5",
-                    "--no-progress"]) == 0
+    assert (
+        builder(
+            [
+                "build",
+                "--gallery",
+                str(paths["gallery"]),
+                "--ids",
+                str(paths["ids"]),
+                "--metadata",
+                str(paths["metadata"]),
+                "--root",
+                str(root),
+                "--qe-k",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     port = free_port()
-    env = {**os.environ, "AQE_INDEX_ROOT": str(root), "AQE_PORT": str(port),
-           "AQE_RELOAD_INTERVAL_S": "0.2", "AQE_ADMIN_TOKEN": "secret",
-           "AQE_WORKERS": str(request.param)}
+    env = {
+        **os.environ,
+        "AQE_INDEX_ROOT": str(root),
+        "AQE_PORT": str(port),
+        "AQE_RELOAD_INTERVAL_S": "0.2",
+        "AQE_ADMIN_TOKEN": "secret",
+        "AQE_WORKERS": str(request.param),
+    }
     log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.main"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -46,8 +68,7 @@ def server(request, tmp_path, small_gallery):
             except httpx.TransportError:
                 time.sleep(0.1)
         else:
-            pytest.fail("search-service did not become ready:\n"
-                        + (tmp_path / "server.log").read_text())
+            pytest.fail("search-service did not become ready:\n" + (tmp_path / "server.log").read_text())
         yield url, root, paths
     finally:
         proc.terminate()
@@ -62,17 +83,25 @@ def server(request, tmp_path, small_gallery):
 def test_served_over_http_with_reload(server, small_gallery):
     url, root, paths = server
     x, _ = small_gallery
-    r = httpx.post(f"{url}/search", json={"embedding": (x[3] + 0.01).tolist(), "k": 4,
-                                          "with_metadata": True,
-                                          "filter": {"camera": {"in": [3]}}})
+    r = httpx.post(
+        f"{url}/search",
+        json={
+            "embedding": (x[3] + 0.01).tolist(),
+            "k": 4,
+            "with_metadata": True,
+            "filter": {"camera": {"in": [3]}},
+        },
+    )
     assert r.status_code == 200
     body = r.json()
-    assert body["results"][0][0] == {"id": "img-00003", "score": pytest.approx(1, abs=0.2),
-                                     "metadata": {"camera": 3, "ts": 3, "label": "p0"}}
+    assert body["results"][0][0] == {
+        "id": "img-00003",
+        "score": pytest.approx(1, abs=0.2),
+        "metadata": {"camera": 3, "ts": 3, "label": "p0"},
+    }
     first = body["index_version"]
     assert httpx.post(f"{url}/search", json={"embedding": [1.0]}).status_code == 400
-    assert builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root),
-                    "--no-progress"]) == 0
+    assert builder(["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"]) == 0
     deadline = time.monotonic() + 15
     while httpx.get(f"{url}/info").json()["index_version"] == first:
         assert time.monotonic() < deadline, "new version not picked up"
@@ -84,8 +113,9 @@ def test_served_over_http_with_reload(server, small_gallery):
 
 def test_bad_configuration_stops_start_up(tmp_path):
     env = {**os.environ, "AQE_INDEX_ROOT": str(tmp_path), "AQE_MAX_K": "0"}
-    proc = subprocess.run([sys.executable, "-m", "service.main"], env=env, capture_output=True,
-                          text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.main"], env=env, capture_output=True, text=True, timeout=30
+    )
     assert proc.returncode == 2
     assert "AQE_MAX_K" in proc.stderr
 
@@ -94,8 +124,9 @@ def test_the_shared_socket_of_worker_processes_sends_without_delay():
     """With AQE_WORKERS > 1 accepted connections must have TCP_NODELAY (else 40 ms per reply)."""
     from service.main import _Config
 
-    listener = _Config("service.main:app_factory", factory=True, host="127.0.0.1", port=0,
-                       workers=2).bind_socket()
+    listener = _Config(
+        "service.main:app_factory", factory=True, host="127.0.0.1", port=0, workers=2
+    ).bind_socket()
     listener.listen()  # the event loop does this in each worker
     with listener, socket.create_connection(listener.getsockname()):
         accepted, _ = listener.accept()

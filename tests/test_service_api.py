@@ -13,8 +13,14 @@ from service.settings import Settings
 
 @pytest.fixture(scope="module")
 def client(built_root):
-    settings = Settings(index_root=built_root, reload_interval_s=0, max_k=50, max_batch=8,
-                        max_body_bytes=64 * 1024, admin_token="t0ken")
+    settings = Settings(
+        index_root=built_root,
+        reload_interval_s=0,
+        max_k=50,
+        max_batch=8,
+        max_body_bytes=64 * 1024,
+        admin_token="t0ken",
+    )
     with TestClient(create_app(settings)) as c:
         yield c
 
@@ -33,8 +39,9 @@ def test_single_and_batch(client, small_gallery):
     assert len(hits) == 5 and hits[0]["id"] == "img-00010"
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert "metadata" not in hits[0]
-    r = client.post("/search", json={"embeddings": [q(x, 1), q(x, 2), q(x, 3)], "k": 3,
-                                     "with_metadata": True})
+    r = client.post(
+        "/search", json={"embeddings": [q(x, 1), q(x, 2), q(x, 3)], "k": 3, "with_metadata": True}
+    )
     results = r.json()["results"]
     assert [len(h) for h in results] == [3, 3, 3]
     assert results[2][0]["metadata"] == {"camera": 3, "ts": 3, "label": "p0"}
@@ -43,8 +50,7 @@ def test_single_and_batch(client, small_gallery):
 def test_k_larger_than_gallery_never_pads(client, small_gallery):
     x, _ = small_gallery
     settings = client.app.state.settings
-    r = client.post("/search", json={"embedding": q(x, 0), "k": settings.max_k,
-                                     "filter": {"ts": {"lt": 7}}})
+    r = client.post("/search", json={"embedding": q(x, 0), "k": settings.max_k, "filter": {"ts": {"lt": 7}}})
     hits = r.json()["results"][0]
     assert len(hits) == 7 and len({h["id"] for h in hits}) == 7
 
@@ -61,8 +67,7 @@ def test_k_larger_than_gallery_never_pads(client, small_gallery):
 )
 def test_filters_hold_for_every_hit_and_k_hits_come_back(client, small_gallery, flt, ok):
     x, _ = small_gallery
-    r = client.post("/search", json={"embedding": q(x, 42), "k": 10, "filter": flt,
-                                     "with_metadata": True})
+    r = client.post("/search", json={"embedding": q(x, 42), "k": 10, "filter": flt, "with_metadata": True})
     assert r.status_code == 200, r.text
     hits = r.json()["results"][0]
     assert len(hits) == 10
@@ -72,8 +77,9 @@ def test_filters_hold_for_every_hit_and_k_hits_come_back(client, small_gallery, 
 def test_expand_query_false_searches_the_raw_query(client, small_gallery):
     x, _ = small_gallery
     a = client.post("/search", json={"embedding": q(x, 5), "k": 10}).json()["results"][0]
-    b = client.post("/search", json={"embedding": q(x, 5), "k": 10,
-                                     "expand_query": False}).json()["results"][0]
+    b = client.post("/search", json={"embedding": q(x, 5), "k": 10, "expand_query": False}).json()["results"][
+        0
+    ]
     assert a[0]["id"] == b[0]["id"] == "img-00005"
     assert [h["score"] for h in a] != [h["score"] for h in b]
 
@@ -114,8 +120,9 @@ def test_non_finite_values_and_non_json(client):
 
 
 def test_body_size_limit(client):
-    r = client.post("/search", content=b"[" + b"1.0," * 40_000 + b"1.0]",
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/search", content=b"[" + b"1.0," * 40_000 + b"1.0]", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 413 and "limit" in r.text
 
     def chunks():
@@ -189,10 +196,8 @@ def test_nightly_status_shows_in_info_and_metrics(tmp_path, small_gallery):
 
     _, paths = small_gallery
     root = tmp_path / "root"
-    assert main(["nightly", "--gallery", str(paths["gallery"]), "--root", str(root),
-                 "--no-progress"]) == 0
-    with TestClient(create_app(Settings(index_root=root, reload_interval_s=0,
-                                        stale_after_s=3600))) as c:
+    assert main(["nightly", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"]) == 0
+    with TestClient(create_app(Settings(index_root=root, reload_interval_s=0, stale_after_s=3600))) as c:
         info = c.get("/info").json()
         assert info["nightly"]["last_success"]["version"] == info["index_version"]
         assert info["nightly"]["stale"] is False and info["nightly"]["staleness_s"] < 600
