@@ -11,6 +11,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+_faiss: Any = faiss
+"""faiss, untyped: the wheel's stubs mistype the SWIG overloads (keyword parameters, selectors)."""
+
 
 def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k by inner product: ``xq`` (m, d), ``xb`` (n, d) float32 -> (sims, ids) (m, k)."""
@@ -26,9 +29,9 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 def search_parameters(index: Any, nprobe: int | None, ef_search: int | None) -> Any:
     """Per-call FAISS search parameters for ``index`` (never mutates the shared index)."""
     if faiss.try_extract_index_ivf(index) is not None:
-        return faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
+        return _faiss.SearchParametersIVF(nprobe=nprobe) if nprobe else None
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(efSearch=ef_search) if ef_search else None
+        return _faiss.SearchParametersHNSW(efSearch=ef_search) if ef_search else None
     return None
 
 
@@ -36,7 +39,12 @@ def parameters_with_selector(index: Any, sel: Any, nprobe: int | None, ef_search
     """Per-call parameters for ``index`` restricted to the ids that ``sel`` (an IDSelector) admits."""
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
-        return faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or ivf.nprobe)
+        return _faiss.SearchParametersIVF(sel=sel, nprobe=nprobe or ivf.nprobe)
     if isinstance(index, faiss.IndexHNSW):
-        return faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
-    return faiss.SearchParameters(sel=sel)
+        return _faiss.SearchParametersHNSW(sel=sel, efSearch=ef_search or index.hnsw.efSearch)
+    return _faiss.SearchParameters(sel=sel)
+
+
+def bitmap_selector(mask: np.ndarray) -> Any:
+    """An IDSelector admitting the rows where ``mask`` (n,) bool is true."""
+    return _faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))

@@ -23,7 +23,12 @@ import numpy as np
 from aqe_retrieval import aqe
 from aqe_retrieval.artifact import Artifact
 from aqe_retrieval.errors import QueryError
-from aqe_retrieval.faiss_search import exact_knn, parameters_with_selector, search_parameters
+from aqe_retrieval.faiss_search import (
+    bitmap_selector,
+    exact_knn,
+    parameters_with_selector,
+    search_parameters,
+)
 from aqe_retrieval.filters import filter_mask
 from aqe_retrieval.online import expand_online, gallery_level
 
@@ -92,7 +97,7 @@ class Searcher:
         if allowed == 0:
             return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
         want = min(k, allowed)
-        sel = faiss.IDSelectorBitmap(np.packbits(mask, bitorder="little"))
+        sel = bitmap_selector(mask)
         sims, ids = index.search(u, want, params=parameters_with_selector(index, sel, nprobe, ef))
         if (ids < 0).any() and self._ivf is not None:
             # A selective filter can empty the probed lists: probe them all before giving up.

@@ -194,6 +194,6 @@ def aqe_expand(
     params = AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times)
     gallery = as_source(gallery_feat)
     num_query = 0 if query_feat is None else len(query_feat)
-    source = as_source(query_feat).concat(gallery) if num_query else gallery
+    source = as_source(query_feat).concat(gallery) if query_feat is not None and num_query else gallery
     x, _ = expand_source(source, params, knn, block_size=block_size, show_progress=show_progress)
     return x[:num_query], x[num_query:]

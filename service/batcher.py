@@ -180,7 +180,8 @@ class Batcher:
             return [(j, (None, exc)) for j in group]
         self.batches += 1
         self.rows += len(batch)
-        out, start = [], 0
+        out: list[tuple[_Job, Outcome]] = []
+        start = 0
         for j in group:
             out.append((j, ([row[: j.k] for row in hits[start : start + len(j.queries)]], None)))
             start += len(j.queries)
