@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -131,7 +131,7 @@ class Staging:
         level: int,
         rows: np.ndarray,
         norms: np.ndarray,
-        index=None,
+        index: Any = None,
         index_type: str = "exact",
         nprobe: int | None = None,
         ef_search: int | None = None,
@@ -156,7 +156,7 @@ class Staging:
             faiss.write_index(index, str(self.path / entry.index))
         self.levels.append(entry)
 
-    def save_serving_index(self, index, entry: ServingIndexEntry) -> None:
+    def save_serving_index(self, index: Any, entry: ServingIndexEntry) -> None:
         """Store the serving index over the normalised expanded rows."""
         faiss.write_index(index, str(self.path / SERVING_INDEX))
         self.serving = entry
@@ -389,7 +389,7 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
         problems = verify(root, version)
         if problems:
             raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
-    mode = "r" if mmap else None
+    mode: Literal["r"] | None = "r" if mmap else None
     n, d = manifest.n, manifest.d
     levels = []
     for entry in manifest.levels:
@@ -405,7 +405,7 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
     return Artifact(root, manifest, levels, serving, ids, metadata)
 
 
-def _load_npy(path: Path, mode, shape: tuple[int, ...], dtype) -> np.ndarray:
+def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode=mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
@@ -415,7 +415,7 @@ def _load_npy(path: Path, mode, shape: tuple[int, ...], dtype) -> np.ndarray:
     return arr
 
 
-def _read_index(path: Path, n: int, d: int, mmap: bool = False):
+def _read_index(path: Path, n: int, d: int, mmap: bool = False) -> Any:
     # IO_FLAG_MMAP_IFC maps flat codes (IndexFlat, HNSW storage) and, with faiss-cpu 1.15, the
     # inverted lists of IVF indexes from the file instead of copying them (measured: reading a
     # 197 MiB IVF256,Flat grew RSS 4.6 MiB, against 189 MiB without): worker processes share one

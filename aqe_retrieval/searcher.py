@@ -88,7 +88,9 @@ class Searcher:
             for srow, irow in zip(sims, ids, strict=True)
         ]
 
-    def _serving_search(self, u: np.ndarray, k: int, mask: np.ndarray | None):
+    def _serving_search(
+        self, u: np.ndarray, k: int, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         index = self.artifact.serving_index
         nprobe, ef = self._serving_params
         if mask is None:
@@ -107,7 +109,7 @@ class Searcher:
             sims, ids = self._exact_subset(u, want, np.flatnonzero(mask))
         return sims, ids
 
-    def _exact_subset(self, u: np.ndarray, k: int, rows: np.ndarray):
+    def _exact_subset(self, u: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         vectors = self.artifact.serving_index.reconstruct_batch(rows)
         sims, local = exact_knn(u, vectors, k)
         return sims, np.where(local >= 0, rows[np.maximum(local, 0)], -1)
