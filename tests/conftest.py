@@ -1,4 +1,4 @@
-"""Shared fixtures: seeded data that looks like re-ID embeddings, and small built artifacts."""
+"""Shared fixtures: small galleries on disk and built artifacts (data helpers live in helpers.py)."""
 
 from __future__ import annotations
 
@@ -6,42 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import clustered_data, write_gallery
 
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
-
-
-def random_data(n: int, d: int, seed: int = 0) -> np.ndarray:
-    """Isotropic Gaussian rows (no structure, no ties)."""
-    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-
-
-def clustered_data(n: int, d: int, seed: int = 0, per_id: int = 6, dup_every: int = 17) -> np.ndarray:
-    """Identities with a few noisy samples each, varied norms, and exact duplicate rows."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((n // per_id + 1, d)).astype(np.float32)
-    x = centres[np.arange(n) // per_id] + 0.35 * rng.standard_normal((n, d)).astype(np.float32)
-    x *= rng.uniform(0.5, 3.0, size=(n, 1)).astype(np.float32)
-    x[dup_every::dup_every] = x[dup_every - 1 : -1 : dup_every][: len(x[dup_every::dup_every])]
-    return x.astype(np.float32)
-
-
-def write_gallery(
-    directory: Path, x: np.ndarray, with_ids: bool = True, with_metadata: bool = True
-) -> dict[str, Path]:
-    """Write a gallery (.npy), ids and a metadata CSV (camera = row % 6, ts = row)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    paths = {"gallery": directory / "gallery.npy"}
-    np.save(paths["gallery"], x)
-    if with_ids:
-        paths["ids"] = directory / "ids.txt"
-        paths["ids"].write_text("".join(f"img-{i:05d}\n" for i in range(len(x))))
-    if with_metadata:
-        paths["metadata"] = directory / "meta.csv"
-        paths["metadata"].write_text(
-            "camera,ts,label\n" + "".join(f"{i % 6},{i},p{i // 6}\n" for i in range(len(x)))
-        )
-    return paths
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered_data, write_gallery
+from helpers import clustered_data, write_gallery
 from reference import reference_aqe
 
 from aqe_retrieval import artifact

@@ -6,7 +6,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from conftest import clustered_data, random_data
+from helpers import clustered_data, random_data
 from parity import assert_parity
 from reference import reference_aqe
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import clustered_data, random_data
+from helpers import clustered_data, random_data
 from reference import normalize, reference_aqe
 
 from aqe_retrieval import artifact
