@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from service.index_manager import ReloadOutcome
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -39,6 +41,13 @@ class Metrics:
         )
         self.registry.register(_StateCollector(state))
 
+    def count_reload(self, outcome: ReloadOutcome) -> None:
+        """Count a reload that loaded a version or refused one (``IndexManager.subscribe``)."""
+        if outcome.status == "loaded":
+            self.reloads.inc()
+        elif outcome.status == "failed":
+            self.reload_failures.inc()
+
 
 class _StateCollector:
     """Gauges read at scrape time: served version, its age, rows, readiness, nightly staleness."""
@@ -46,7 +55,7 @@ class _StateCollector:
     def __init__(self, state: Callable[[], dict[str, Any]]) -> None:
         self.state = state
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         s = self.state()
         ready = GaugeMetricFamily("aqe_ready", "1 when a version is loaded and warmed up")
         ready.add_metric([], 1.0 if s.get("version") else 0.0)

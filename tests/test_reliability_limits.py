@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from aqe_retrieval import artifact
 from index_builder.build import BuildConfig, build
 from index_builder.expansion import AqeParams
-from service.app import BODY_ALLOWANCE, BYTES_PER_VALUE, create_app
+from service.app import create_app
+from service.middleware import BODY_ALLOWANCE, BYTES_PER_VALUE
 from service.settings import Settings
 
 D, MAX_K, MAX_BATCH = 32, 20, 8

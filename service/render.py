@@ -1,0 +1,67 @@
+"""How answers look on the wire: search results, and the bodies of refused requests.
+
+Only the HTTP layer maps errors to status codes, and it does so through the one table,
+:func:`aqe_retrieval.errors.http_status`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from aqe_retrieval.errors import http_status
+from aqe_retrieval.searcher import Hit, Searcher
+
+# Answers with more hits than this are turned into JSON in the threadpool, not the event loop.
+RENDER_INLINE_HITS = 2000
+MAX_VALIDATION_ERRORS = 20
+
+
+async def search_response(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
+    """The JSON answer of a search; large ones are rendered off the event loop."""
+    if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:
+        return render_hits(searcher, hits, with_metadata)
+    return await run_in_threadpool(render_hits, searcher, hits, with_metadata)
+
+
+def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
+    """Each hit as its external id and score (and metadata), under the served version."""
+    results = [
+        [
+            {"id": searcher.external_id(h.row), "score": h.score}
+            | ({"metadata": searcher.metadata(h.row)} if with_metadata else {})
+            for h in row
+        ]
+        for row in hits
+    ]
+    return JSONResponse({"index_version": searcher.version, "results": results})
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """A query or filter the searcher refused: its message, at the table's status (400)."""
+    return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+
+
+async def invalid_body(request: Request, exc: Exception) -> JSONResponse:
+    """A body that is not a valid request: where and what, for the first few errors (422)."""
+    # FastAPI's default echoes every offending input: a body of 100k bad values would come
+    # back whole.
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    detail: list[dict[str, Any]] = [
+        {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+        for e in errors[:MAX_VALIDATION_ERRORS]
+    ]
+    if len(errors) > MAX_VALIDATION_ERRORS:
+        detail.append(
+            {
+                "loc": ["body"],
+                "msg": f"and {len(errors) - MAX_VALIDATION_ERRORS} more errors",
+                "type": "too_many_errors",
+            }
+        )
+    return JSONResponse({"detail": detail}, status_code=422)

@@ -1,0 +1,189 @@
+"""The HTTP routes: a thin layer over the served :class:`~aqe_retrieval.searcher.Searcher`.
+
+``/search`` is a coroutine that never blocks the event loop on a search: every search runs on
+the :class:`~service.batcher.Batcher`'s threads (concurrent unfiltered requests gathered into one
+FAISS call; FAISS releases the GIL) and is awaited there; the rendering of large answers runs in
+Starlette's threadpool. A small request costs no thread hop besides the batcher's
+(benchmarks/bench_service.py).
+
+What the routes need lives on ``app.state`` (set by :func:`service.app.create_app`) and is
+declared once below as ``Annotated`` dependencies; :func:`add_routes` puts the routes on an app.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from aqe_retrieval.errors import QueryError
+from aqe_retrieval.searcher import Searcher
+from service import render
+from service.index_manager import IndexManager
+from service.info import info_summary
+from service.metrics import Metrics
+from service.schemas import ErrorResponse, SearchRequest, SearchResponse
+from service.settings import Settings
+
+# /search reads its body itself (_parse_search_request); this puts its schema back in /docs
+SEARCH_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+    }
+}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
+    413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES"},
+    503: {"model": ErrorResponse, "description": "no index version loaded yet"},
+}
+
+
+async def current_searcher(request: Request) -> Searcher:
+    """The searcher of the served version, taken once per request (503 before the first load)."""
+    searcher = request.app.state.manager.searcher
+    if searcher is None:
+        raise HTTPException(503, "no index version is loaded yet")
+    return searcher
+
+
+async def app_manager(request: Request) -> IndexManager:
+    """The app's :class:`IndexManager` (which version is served, reloads)."""
+    return request.app.state.manager
+
+
+async def app_settings(request: Request) -> Settings:
+    """The app's settings."""
+    return request.app.state.settings
+
+
+async def app_metrics(request: Request) -> Metrics:
+    """The app's Prometheus metrics."""
+    return request.app.state.metrics
+
+
+def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Bearer-token check of admin routes (constant-time); off when no token is configured."""
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise HTTPException(404, "admin routes are off: AQE_ADMIN_TOKEN is not set")
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    if not hmac.compare_digest((authorization or "").encode(), expected):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+ServedIndex = Annotated[Searcher, Depends(current_searcher)]
+Manager = Annotated[IndexManager, Depends(app_manager)]
+AppSettings = Annotated[Settings, Depends(app_settings)]
+AppMetrics = Annotated[Metrics, Depends(app_metrics)]
+
+
+async def search(request: Request, searcher: ServedIndex) -> Response:
+    """Nearest gallery items of each query embedding, best first."""
+    # The hot path: app state read directly, no dependencies beyond the searcher's.
+    state = request.app.state
+    settings: Settings = state.settings
+    body = _parse_search_request(await request.body())
+    queries = _queries(body, settings)
+    if not 1 <= body.k <= settings.max_k:
+        raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
+    state.metrics.queries.observe(len(queries))
+    # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones
+    hits = await state.batcher.submit_async(
+        searcher, queries, body.k, expand=body.expand_query, filters=body.filter
+    )
+    return await render.search_response(searcher, hits, body.with_metadata)
+
+
+def healthz() -> dict[str, str]:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+def readyz(manager: Manager) -> JSONResponse:
+    """200 once a version is loaded and warmed up, else 503."""
+    searcher = manager.searcher
+    if searcher is None:
+        return JSONResponse({"status": "not ready", "detail": "no index version loaded"}, 503)
+    return JSONResponse({"status": "ready", "index_version": searcher.version})
+
+
+def info(manager: Manager, settings: AppSettings) -> dict[str, Any]:
+    """The served version's manifest summary, reload state and nightly job status."""
+    return info_summary(manager, settings)
+
+
+def prometheus(metrics: AppMetrics) -> PlainTextResponse:
+    """Prometheus exposition."""
+    return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def admin_reload(manager: Manager) -> JSONResponse:
+    """Reload ``current`` now (even if it is the served version); 409 if it was refused."""
+    outcome = manager.reload(force=True)
+    body = {
+        "status": outcome.status,
+        "version": outcome.version,
+        "error": outcome.error,
+        "serving": manager.searcher.version if manager.searcher else None,
+    }
+    return JSONResponse(body, status_code=409 if outcome.status == "failed" else 200)
+
+
+def add_routes(app: FastAPI) -> None:
+    """Register the routes on ``app``'s own router.
+
+    Not through an included ``APIRouter``: FastAPI resolves an included router on every request
+    (a second match, scope bookkeeping), work the tuned ``/search`` path did not do before.
+    """
+    app.add_api_route(
+        "/search",
+        search,
+        methods=["POST"],
+        response_model=SearchResponse,
+        responses=ERRORS,
+        openapi_extra=SEARCH_REQUEST_BODY,
+    )
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/readyz", readyz, methods=["GET"], responses={503: {"model": ErrorResponse}})
+    app.add_api_route("/info", info, methods=["GET"])
+    app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/admin/reload", admin_reload, methods=["POST"], dependencies=[Depends(require_admin)])
+
+
+def _parse_search_request(raw: bytes) -> SearchRequest:
+    """The body parsed and validated in one pass by pydantic-core (no Python-level JSON tree).
+
+    Measured: the standard library's JSON decoding was a third of the event loop's time per
+    request under load (py-spy, benchmarks/bench_service.py). Errors keep FastAPI's shape.
+    """
+    try:
+        return SearchRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False, include_context=False)
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+
+
+def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
+    """The request's embeddings as one float64 matrix, after the checks of its shape."""
+    if (body.embedding is None) == (body.embeddings is None):
+        raise QueryError("send exactly one of 'embedding' (one query) or 'embeddings' (a batch)")
+    rows = [body.embedding] if body.embedding is not None else body.embeddings
+    assert rows is not None
+    if not rows:
+        raise QueryError("'embeddings' is empty")
+    if len(rows) > settings.max_batch:
+        raise QueryError(f"batch of {len(rows)} is over the limit of {settings.max_batch}")
+    dims = {len(r) for r in rows}
+    if len(dims) != 1:
+        raise QueryError(f"embeddings of different lengths {sorted(dims)} in one batch")
+    if 0 in dims:
+        raise QueryError("empty embedding")
+    # float64: the searcher checks the values (NaN, Inf, beyond float32) before narrowing them
+    return np.asarray(rows, dtype=np.float64)
