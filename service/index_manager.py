@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReloadFailure:
+    """The last version refused: which one, why, and when (epoch seconds)."""
+
     version: str | None
     error: str
     at: float

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 import uvicorn
 from pydantic import ValidationError
@@ -12,8 +13,11 @@ from uvicorn.supervisors import Multiprocess
 
 from service.settings import Settings
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
-def app_factory():
+
+def app_factory() -> FastAPI:
     """For ``uvicorn --factory service.main:app_factory`` (and worker processes)."""
     from service.app import create_app
 
@@ -31,6 +35,7 @@ class _Config(uvicorn.Config):
     """
 
     def bind_socket(self) -> socket.socket:
+        """uvicorn's listening socket, with TCP_NODELAY on TCP."""
         sock = super().bind_socket()
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

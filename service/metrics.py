@@ -56,6 +56,7 @@ class _StateCollector:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:
+        """The gauges of the state as it is now (called at every scrape)."""
         s = self.state()
         ready = GaugeMetricFamily("aqe_ready", "1 when a version is loaded and warmed up")
         ready.add_metric([], 1.0 if s.get("version") else 0.0)
