@@ -19,10 +19,9 @@ from aqe_retrieval import aqe, artifact
 from aqe_retrieval.errors import InputError, QualityGateError
 from aqe_retrieval.faiss_search import exact_knn, search_parameters
 from aqe_retrieval.online import expand_online, gallery_level
-from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
+from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, Expansion, Level
 from index_builder.inputs import fingerprint, open_embeddings, read_ids, read_metadata
 from index_builder.knn import (
-    KnnResult,
     KnnSpec,
     build_index,
     sample_rows,
@@ -150,45 +149,19 @@ def build(config: BuildConfig) -> artifact.Manifest:
     logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype, len(source.paths))
 
     with artifact.staging(config.root) as stage:
-
-        def save_level(level: int, rows: np.ndarray, norms: np.ndarray, knn: KnnResult) -> None:
-            index, entry = None, None
-            if knn.index is None and config.expansion_index == AUTO:
-                index, entry = expansion_index(rows, config, level)
-            if entry is not None:  # an index of its own for online expansion
-                stage.save_level(
-                    level,
-                    rows,
-                    norms,
-                    index=index,
-                    index_type=entry.spec,
-                    nprobe=entry.nprobe,
-                    recall_at_k=entry.recall_at_k,
-                    recall_k=entry.recall_k,
-                )
-            else:  # the graph's index, if any
-                stage.save_level(
-                    level,
-                    rows,
-                    norms,
-                    index=knn.index,
-                    index_type="exact" if knn.index is None else config.knn.method,
-                    nprobe=config.knn.nprobe,
-                    ef_search=config.knn.ef_search,
-                    recall_at_k=knn.recall,
-                    recall_k=config.params.qe_k,
-                )
-
         t1 = time.perf_counter()
-        expanded, report = expand_source(
+        expansion = Expansion(
             source,
             config.params,
             config.knn,
             block_size=config.block_size,
-            on_level=save_level,
             show_progress=config.show_progress,
             label=str(config.gallery),
         )
+        for level in expansion:
+            _save_level(stage, level, config)
+        del level  # staged: the last level's rows and graph must not outlive the expansion
+        expanded, report = expansion.expanded, expansion.report
         timings["expand"] = time.perf_counter() - t1
         timings["read"] = report.read_seconds
         timings["knn"] = sum(r.knn_seconds for r in report.rounds)
@@ -230,6 +203,37 @@ def build(config: BuildConfig) -> artifact.Manifest:
         )
     logger.info("publish took %.1fs", time.perf_counter() - t3)
     return manifest
+
+
+def _save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> None:
+    """Stage one level with the index online expansion searches in it: its own, the graph's, or none."""
+    graph = level.knn
+    index, entry = None, None
+    if graph.index is None and config.expansion_index == AUTO:
+        index, entry = expansion_index(level.rows, config, level.number)
+    if entry is not None:  # an index of its own for online expansion
+        stage.save_level(
+            level.number,
+            level.rows,
+            level.norms,
+            index=index,
+            index_type=entry.spec,
+            nprobe=entry.nprobe,
+            recall_at_k=entry.recall_at_k,
+            recall_k=entry.recall_k,
+        )
+    else:  # the graph's index, if any
+        stage.save_level(
+            level.number,
+            level.rows,
+            level.norms,
+            index=graph.index,
+            index_type="exact" if graph.index is None else config.knn.method,
+            nprobe=config.knn.nprobe,
+            ef_search=config.knn.ef_search,
+            recall_at_k=graph.recall,
+            recall_k=config.params.qe_k,
+        )
 
 
 def _quality_inputs(spec: QualitySpec, source, metadata: dict[str, np.ndarray]):

@@ -24,9 +24,9 @@ import numpy as np
 from aqe_retrieval import aqe
 from aqe_retrieval.online import GalleryLevel, expand_online, gallery_level
 from index_builder.evaluation import ReidMetrics, rank_metrics
-from index_builder.expansion import AqeParams, expand_source
+from index_builder.expansion import AqeParams, Expansion, expand_source
 from index_builder.inputs import as_source
-from index_builder.knn import KnnResult, KnnSpec
+from index_builder.knn import KnnSpec
 
 logger = logging.getLogger(__name__)
 
@@ -103,15 +103,13 @@ def serving_gallery(
 ) -> ServingGallery:
     """Expand the gallery alone and keep each level for online query expansion."""
     knn = knn or KnnSpec()
-    levels: list[GalleryLevel] = []
-
-    def keep(level: int, rows: np.ndarray, norms: np.ndarray, result: KnnResult) -> None:
-        levels.append(gallery_level(rows.copy(), norms.copy(), result.index, knn.nprobe, knn.ef_search))
-
-    x, report = expand_source(
-        as_source(xg), params, knn, block_size=block_size, on_level=keep, show_progress=False
-    )
-    return ServingGallery(x, levels, report.graph_recall, report.effective_qe_k)
+    expansion = Expansion(as_source(xg), params, knn, block_size=block_size, show_progress=False)
+    levels = [
+        gallery_level(lv.rows.copy(), lv.norms.copy(), lv.knn.index, knn.nprobe, knn.ef_search)
+        for lv in expansion
+    ]
+    report = expansion.report
+    return ServingGallery(expansion.expanded, levels, report.graph_recall, report.effective_qe_k)
 
 
 def compare(

@@ -10,7 +10,7 @@ from parity import assert_parity
 from reference import reference_aqe
 
 from aqe_retrieval.aqe import normalize_rows
-from index_builder.expansion import AqeParams, expand_source
+from index_builder.expansion import AqeParams, Expansion
 from index_builder.inputs import as_source
 from index_builder.knn import KnnSpec, self_knn
 from index_builder.symmetric import symmetric_self_knn
@@ -73,13 +73,12 @@ def test_aqe_parity_through_the_symmetric_kernel(kind, n, d, qe_k, alpha, qe_tim
     x = make(n, d, seed=n + d)
     nq = n // 10
     ref_q, ref_g, rounds = reference_aqe(x[:nq], x[nq:], qe_times, qe_k, alpha)
-    sets: list[np.ndarray] = []
-    ours, _ = expand_source(
+    expansion = Expansion(
         as_source(x),
         AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
         KnnSpec(exact_kernel="symmetric"),
         block_size=97,
-        on_level=lambda t, u, norms, r: sets.append(r.ids.copy()),
         show_progress=False,
     )
-    assert_parity(ours, sets, np.concatenate([ref_q, ref_g]), rounds)
+    sets = [level.knn.ids.copy() for level in expansion]
+    assert_parity(expansion.expanded, sets, np.concatenate([ref_q, ref_g]), rounds)
