@@ -21,11 +21,11 @@ import numpy as np
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
 from index_builder import nightly
-from index_builder.build import EXPANSION_INDEXES, BuildConfig, QualitySpec, ServingSpec, build
+from index_builder.build import build
+from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
-from index_builder.quality import GateSpec
 
 logger = logging.getLogger("index_builder")
 

@@ -1,4 +1,4 @@
-"""The serving index that ``auto`` picks, and the CLI flags of the fast kNN paths."""
+"""The serving index ``auto`` picks: exact below the limit, else IVF within the memory budget, tuned."""
 
 from __future__ import annotations
 
@@ -9,11 +9,9 @@ from helpers import clustered_data
 
 from aqe_retrieval.aqe import normalize_rows
 from aqe_retrieval.faiss_search import exact_knn
-from index_builder import build as build_mod
-from index_builder.build import ServingSpec, build_serving_index, choose_serving_method
+from index_builder.config import AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, ServingSpec
 from index_builder.knn import sample_rows, set_recall
-
-# -- serving index: auto ------------------------------------------------------------------------
+from index_builder.serving import build_serving_index, choose_serving_method
 
 GIB = 2**30
 
@@ -21,7 +19,9 @@ GIB = 2**30
 def test_auto_serves_small_galleries_exactly():
     method, reason = choose_serving_method(50_000, 256, 4.0)
     assert method == "exact" and "50000" in reason
-    assert choose_serving_method(build_mod.AUTO_EXACT_MAX_N, 512, 4.0)[0] == "exact"
+    assert choose_serving_method(AUTO_EXACT_MAX_N, 512, 4.0)[0] == "exact"
+    assert choose_serving_method(AUTO_EXACT_MAX_N + 1, 512, 4.0)[0] != "exact"
+    assert choose_serving_method(4000, 32, 4.0, exact_max_n=1000)[0] == "IVF64,Flat"
 
 
 def test_auto_serves_large_galleries_with_ivf_near_4_sqrt_n():
@@ -60,21 +60,22 @@ def test_auto_refuses_a_budget_nothing_fits():
         choose_serving_method(10_000_000, 256, 0.1)
     with pytest.raises(ValueError, match="memory_budget_gib"):
         ServingSpec(method="auto", memory_budget_gib=0)
+    with pytest.raises(ValueError, match="exact_max_n"):
+        ServingSpec(method="auto", exact_max_n=-1)
 
 
-def test_auto_builds_records_and_measures_the_chosen_index(monkeypatch):
+def test_auto_builds_records_and_measures_the_chosen_index():
     u, _ = normalize_rows(clustered_data(4000, 32, seed=12))
     index, entry = build_serving_index(
         u, ServingSpec(method="auto", recall_sample=300), 1024, show_progress=False
     )
     assert entry.spec == "exact" and entry.index_type.startswith("IndexFlat")
     assert entry.recall_at_k is None and index.ntotal == 4000
-    monkeypatch.setattr(build_mod, "AUTO_EXACT_MAX_N", 1000)
     index, entry = build_serving_index(
-        u, ServingSpec(method="auto", recall_sample=300), 1024, show_progress=False
+        u, ServingSpec(method="auto", recall_sample=300, exact_max_n=1000), 1024, show_progress=False
     )
     assert entry.spec == "IVF64,Flat" and entry.index_type == "IndexIVFFlat"
-    assert entry.nprobe in (*build_mod.AUTO_NPROBE_LADDER, 64)
+    assert entry.nprobe in (*AUTO_NPROBE_LADDER, 64)
     assert entry.recall_at_k >= 0.95 and entry.recall_sample == 300
     # the smallest nprobe of the ladder that reaches the target: the one before it does not
     xq = u[sample_rows(4000, 300, 0)]
@@ -82,7 +83,7 @@ def test_auto_builds_records_and_measures_the_chosen_index(monkeypatch):
     assert set_recall(
         index.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=entry.nprobe))[1], truth
     ) == pytest.approx(entry.recall_at_k)
-    smaller = [p for p in build_mod.AUTO_NPROBE_LADDER if p < entry.nprobe]
+    smaller = [p for p in AUTO_NPROBE_LADDER if p < entry.nprobe]
     if smaller:
         below = set_recall(
             index.search(xq, 10, params=faiss.SearchParametersIVF(nprobe=smaller[-1]))[1], truth
@@ -92,35 +93,9 @@ def test_auto_builds_records_and_measures_the_chosen_index(monkeypatch):
     np.testing.assert_allclose(index.reconstruct_batch(np.array([0, 5, 3999])), u[[0, 5, 3999]])
     # a given nprobe is kept, not tuned
     _, entry = build_serving_index(
-        u, ServingSpec(method="auto", nprobe=2, recall_sample=300), 1024, show_progress=False
+        u,
+        ServingSpec(method="auto", nprobe=2, recall_sample=300, exact_max_n=1000),
+        1024,
+        show_progress=False,
     )
     assert entry.nprobe == 2 and entry.recall_at_k < 1
-
-
-def test_cli_serving_index_auto_and_fast_knn_flags(tmp_path, small_gallery):
-    from aqe_retrieval import artifact
-    from index_builder.cli import main
-
-    _, paths = small_gallery
-    root = tmp_path / "root"
-    args = [
-        "build",
-        "--gallery",
-        str(paths["gallery"]),
-        "--root",
-        str(root),
-        "--no-progress",
-        "--serving-index",
-        "auto",
-        "--serving-memory-budget-gib",
-        "1",
-    ]
-    assert main([*args, "--exact-kernel", "symmetric"]) == 0
-    assert main([*args, "--knn", "IVF8,Flat", "--nprobe", "8", "--batch-lists"]) == 0
-    first, second = artifact.version_ids(root)
-    m1, m2 = artifact.read_manifest(root, first), artifact.read_manifest(root, second)
-    assert m1.serving_index.spec == "exact" and m1.graph_recall is None
-    assert m2.graph_recall > 0.99  # all 8 lists probed: only ties between duplicates differ
-    assert main([*args, "--knn", "HNSW8", "--batch-lists"]) == 2
-    with pytest.raises(SystemExit):
-        main([*args, "--exact-kernel", "nope"])
