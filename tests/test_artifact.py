@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from aqe_retrieval import artifact
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 
 

@@ -17,7 +17,8 @@ import pytest
 from aqe_retrieval import artifact, errors
 from aqe_retrieval.status import staleness_seconds
 from index_builder import cli, nightly
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 
 N, D = 300, 16
@@ -154,7 +155,7 @@ def test_sigterm_is_recorded_as_a_failure(gallery: Path, tmp_path: Path) -> None
         "import signal, sys, time\n"
         "from pathlib import Path\n"
         "from index_builder import nightly\n"
-        "from index_builder.build import BuildConfig\n"
+        "from index_builder.config import BuildConfig\n"
         "signal.signal(signal.SIGTERM, nightly._raise_on_sigterm)\n"
         f"config = BuildConfig(gallery=Path({str(gallery)!r}), root=Path({str(root)!r}))\n"
         "sys.exit(nightly.run_nightly(config, build_fn=lambda c: time.sleep(60))[0])\n"

@@ -9,7 +9,8 @@ from reference import normalize, reference_aqe
 
 from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 
 
