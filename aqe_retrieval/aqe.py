@@ -31,9 +31,14 @@ def normalize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u.astype(np.float32, copy=False), norms
 
 
-def normalize_rows_inplace(x: np.ndarray, block_size: int = 16384) -> np.ndarray:
-    """L2-normalise the rows of ``x`` (n, d) float32 in place, block by block; returns the norms."""
-    norms = np.empty(x.shape[0], dtype=np.float32)
+def normalize_rows_inplace(
+    x: np.ndarray, block_size: int = 16384, out: np.ndarray | None = None
+) -> np.ndarray:
+    """L2-normalise the rows of ``x`` (n, d) float32 in place, block by block; returns the norms.
+
+    ``out``: a (n,) float32 array (e.g. a memmap) that receives the norms.
+    """
+    norms = np.empty(x.shape[0], dtype=np.float32) if out is None else out
     for lo in range(0, x.shape[0], block_size):
         x[lo : lo + block_size], norms[lo : lo + block_size] = normalize_rows(x[lo : lo + block_size])
     return norms

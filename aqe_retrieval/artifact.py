@@ -8,11 +8,14 @@
         manifest.json               Manifest (format_version, parameters, checksums, ...)
         level_<t>.npy               normalised gallery rows of level t (t = 0 .. qe_times-1)
         level_<t>_norms.npy         their norms (raw row = norm * normalised row)
-        level_<t>.faiss             approximate kNN index over level t (approximate kNN only)
+        level_<t>.faiss             the index online expansion searches in level t, if any
+        level_<t>.ivfdata           its inverted lists, when built out of core (on-disk lists)
         serving.faiss               FAISS index over the normalised expanded rows
+        serving.ivfdata             its inverted lists, when built out of core
         ids.npy                     external ids (str), when given
         meta_<i>.npy                metadata column i (name and type in the manifest)
       .staging-<version>-<pid>/     a version being written (never read by a loader)
+        .scratch/                   the build's temporary memory-mapped arrays (removed before publishing)
       nightly_status.json           the scheduled job's last run (aqe_retrieval.status)
       .build.lock                   held by a running scheduled build
 
@@ -45,6 +48,7 @@ from pydantic import ValidationError
 from aqe_retrieval.errors import ArtifactError
 from aqe_retrieval.manifest import (
     FORMAT_VERSION,
+    LEVEL_DTYPES,
     SERVING_INDEX,
     FileEntry,
     LevelEntry,
@@ -61,6 +65,9 @@ CURRENT = "current"
 VERSIONS = "versions"
 IDS = "ids.npy"
 STAGING_PREFIX = ".staging-"
+SCRATCH = ".scratch"
+SERVING_IVFDATA = "serving.ivfdata"
+WRITE_BLOCK = 65536
 STATUS = "nightly_status.json"
 LOCK = ".build.lock"
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
@@ -126,6 +133,28 @@ class Staging:
         self.ids_file: str | None = None
         self.serving = ServingIndexEntry()
 
+    def scratch_dir(self) -> Path:
+        """A directory for the build's temporary files; removed before :meth:`publish`."""
+        path = self.path / SCRATCH
+        path.mkdir(exist_ok=True)
+        return path
+
+    def level_rows_path(self, level: int) -> Path:
+        """Where level ``level``'s rows go: a builder may write them there directly (a memmap)."""
+        return self.path / f"level_{level}.npy"
+
+    def level_norms_path(self, level: int) -> Path:
+        """Where level ``level``'s norms go (float32)."""
+        return self.path / f"level_{level}_norms.npy"
+
+    def level_ivfdata_path(self, level: int) -> Path:
+        """Where the on-disk inverted lists of level ``level``'s index go."""
+        return self.path / f"level_{level}.ivfdata"
+
+    def serving_ivfdata_path(self) -> Path:
+        """Where the on-disk inverted lists of the serving index go."""
+        return self.path / SERVING_IVFDATA
+
     def save_level(
         self,
         level: int,
@@ -137,29 +166,49 @@ class Staging:
         ef_search: int | None = None,
         recall_at_k: float | None = None,
         recall_k: int | None = None,
+        dtype: str = "float32",
     ) -> None:
-        """Store level ``level``'s normalised rows (n, d) float32, norms (n,), optional index."""
+        """Store level ``level``'s normalised rows (n, d) as ``dtype``, norms (n,), optional index.
+
+        Rows or norms already memory-mapped at their final path (:meth:`level_rows_path`) are
+        flushed, not copied; others are written block by block.
+        """
+        if dtype not in LEVEL_DTYPES:
+            raise ValueError(f"level dtype must be one of {LEVEL_DTYPES}, got {dtype!r}")
         entry = LevelEntry(
             level=level,
-            rows=f"level_{level}.npy",
-            norms=f"level_{level}_norms.npy",
+            rows=self.level_rows_path(level).name,
+            norms=self.level_norms_path(level).name,
+            dtype=dtype,
             index_type=index_type,
             nprobe=nprobe,
             ef_search=ef_search,
             recall_at_k=recall_at_k if index is not None else None,
             recall_k=recall_k if index is not None else None,
         )
-        np.save(self.path / entry.rows, np.ascontiguousarray(rows, dtype=np.float32))
-        np.save(self.path / entry.norms, np.ascontiguousarray(norms, dtype=np.float32))
+        _save_npy(self.path / entry.rows, rows, np.dtype(dtype))
+        _save_npy(self.path / entry.norms, norms, np.dtype(np.float32))
         if index is not None:
             entry.index = f"level_{level}.faiss"
+            entry.ivfdata = self._ivfdata_name(index, self.level_ivfdata_path(level))
             faiss.write_index(index, str(self.path / entry.index))
         self.levels.append(entry)
 
     def save_serving_index(self, index: Any, entry: ServingIndexEntry) -> None:
         """Store the serving index over the normalised expanded rows."""
+        entry.ivfdata = self._ivfdata_name(index, self.serving_ivfdata_path())
         faiss.write_index(index, str(self.path / SERVING_INDEX))
         self.serving = entry
+
+    def _ivfdata_name(self, index: Any, expected: Path) -> str | None:
+        """The file name of ``index``'s on-disk inverted lists (they must be at ``expected``)."""
+        ivf = faiss.try_extract_index_ivf(index)
+        lists = faiss.downcast_InvertedLists(ivf.invlists) if ivf is not None and ivf.invlists else None
+        if not isinstance(lists, faiss.OnDiskInvertedLists):
+            return None
+        if Path(lists.filename).resolve() != expected.resolve():
+            raise ArtifactError(f"inverted lists at {lists.filename}, expected {expected}")
+        return expected.name
 
     def save_ids(self, ids: list[str]) -> None:
         """Store the external ids (one per row)."""
@@ -177,9 +226,9 @@ class Staging:
         """The levels saved so far, memory-mapped back (for checks before publishing)."""
         return [
             Level(
-                _load_npy(self.path / e.rows, "r", (n, d), np.float32),
+                _load_npy(self.path / e.rows, "r", (n, d), np.dtype(e.dtype)),
                 _load_npy(self.path / e.norms, "r", (n,), np.float32),
-                _read_index(self.path / e.index, n, d, True) if e.index else None,
+                _read_index(self.path / e.index, n, d, True, e.ivfdata is not None) if e.index else None,
                 e,
             )
             for e in self.levels
@@ -187,6 +236,7 @@ class Staging:
 
     def publish(self, keep: int = 3, **fields: Any) -> Manifest:
         """Checksum, write the manifest, fsync, rename into place, switch ``current``, prune."""
+        shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
         files = {}
         for p in sorted(self.path.iterdir()):
             files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
@@ -393,16 +443,37 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
     n, d = manifest.n, manifest.d
     levels = []
     for entry in manifest.levels:
-        rows = _load_npy(base / entry.rows, mode, (n, d), np.float32)
+        rows = _load_npy(base / entry.rows, mode, (n, d), np.dtype(entry.dtype))
         norms = _load_npy(base / entry.norms, mode, (n,), np.float32)
-        index = _read_index(base / entry.index, n, d, mmap) if entry.index else None
+        index = (
+            _read_index(base / entry.index, n, d, mmap, entry.ivfdata is not None) if entry.index else None
+        )
         levels.append(Level(rows, norms, index, entry))
     if len(levels) != manifest.qe_times:
         raise ArtifactError(f"version {version}: {len(levels)} levels for qe_times {manifest.qe_times}")
-    serving = _read_index(base / manifest.serving_index.file, n, d, mmap)
+    serving = _read_index(
+        base / manifest.serving_index.file, n, d, mmap, bool(manifest.serving_index.ivfdata)
+    )
     ids = _load_npy(base / manifest.ids_file, mode, (n,), None) if manifest.ids_file else None
     metadata = {c.name: _load_npy(base / c.file, mode, (n,), None) for c in manifest.metadata}
     return Artifact(root, manifest, levels, serving, ids, metadata)
+
+
+def _save_npy(path: Path, arr: np.ndarray, dtype: np.dtype) -> None:
+    """Write ``arr`` as a ``dtype`` .npy at ``path``, in blocks; flush only if it is mapped there."""
+    if isinstance(arr, np.memmap) and arr.filename and Path(arr.filename) == path.resolve():
+        if arr.dtype != dtype:
+            raise ArtifactError(f"{path.name}: mapped as {arr.dtype}, the manifest says {dtype}")
+        arr.flush()
+        return
+    if not isinstance(arr, np.memmap) and arr.dtype == dtype:
+        np.save(path, np.ascontiguousarray(arr))
+        return
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=arr.shape)
+    for lo in range(0, arr.shape[0], WRITE_BLOCK):
+        out[lo : lo + WRITE_BLOCK] = arr[lo : lo + WRITE_BLOCK]
+    out.flush()
+    del out
 
 
 def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
@@ -415,12 +486,17 @@ def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...], dty
     return arr
 
 
-def _read_index(path: Path, n: int, d: int, mmap: bool = False) -> Any:
+def _read_index(path: Path, n: int, d: int, mmap: bool = False, ondisk: bool = False) -> Any:
     # IO_FLAG_MMAP_IFC maps flat codes (IndexFlat, HNSW storage) and, with faiss-cpu 1.15, the
     # inverted lists of IVF indexes from the file instead of copying them (measured: reading a
     # 197 MiB IVF256,Flat grew RSS 4.6 MiB, against 189 MiB without): worker processes share one
     # copy through the page cache.
     flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+    if ondisk:
+        # On-disk lists (OnDiskInvertedLists) name their .ivfdata file by the path it was built
+        # at; SAME_DIR looks for it beside the index instead (the version was renamed since),
+        # and FAISS maps it itself (read-only). SAME_DIR needs a file reader, so no MMAP_IFC.
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field, model_validator
 
 FORMAT_VERSION = 1
 SERVING_INDEX = "serving.faiss"
+LEVEL_DTYPES = ("float32", "float16")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -32,7 +33,9 @@ class LevelEntry(BaseModel):
     level: int
     rows: str
     norms: str
+    dtype: str = "float32"  # of ``rows``: float32 or float16 (norms are always float32)
     index: str | None = None
+    ivfdata: str | None = None  # the on-disk inverted lists of ``index``, if it has them
     index_type: str = "exact"
     nprobe: int | None = None
     ef_search: int | None = None
@@ -42,6 +45,7 @@ class LevelEntry(BaseModel):
 
 class ServingIndexEntry(BaseModel):
     file: str = SERVING_INDEX
+    ivfdata: str | None = None  # the on-disk inverted lists of ``file``, if it has them
     spec: str = "exact"
     index_type: str = ""
     nprobe: int | None = None
@@ -80,11 +84,15 @@ class Manifest(BaseModel):
     def _names_stay_inside(self) -> Manifest:
         """Every file the manifest names is a plain name listed (and checksummed) in ``files``."""
         named = [self.serving_index.file, *(c.file for c in self.metadata)]
-        named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index) if n]
+        named += [self.serving_index.ivfdata] if self.serving_index.ivfdata else []
+        named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index, lv.ivfdata) if n]
         named += [self.ids_file] if self.ids_file else []
         for name in [*named, *self.files]:
             if not FILE_NAME_RE.match(name):
                 raise ValueError(f"file name {name!r} is not a plain name inside the version")
+        bad_dtypes = sorted({lv.dtype for lv in self.levels} - set(LEVEL_DTYPES))
+        if bad_dtypes:
+            raise ValueError(f"level dtypes {bad_dtypes} are not one of {LEVEL_DTYPES}")
         missing = sorted(set(named) - set(self.files))
         if missing:
             raise ValueError(f"files {missing} have no checksum entry")

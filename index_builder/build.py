@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import faiss
 
 from aqe_retrieval import aqe, artifact
-from index_builder.config import AUTO, BuildConfig
-from index_builder.expansion import Expansion, Level
+from index_builder import budget
+from index_builder.config import AUTO, BuildConfig, ServingSpec
+from index_builder.expansion import AqeParams, Expansion, Level
 from index_builder.gate import quality_gate, quality_inputs
 from index_builder.inputs import EmbeddingSource, fingerprint, open_embeddings, read_ids, read_metadata
-from index_builder.knn import KnnSpec
-from index_builder.serving import build_serving_index, expansion_index
+from index_builder.knn import KnnSpec, index_size
+from index_builder.ondisk import OnDiskLists
+from index_builder.pool import worker_count
+from index_builder.serving import build_serving_index, choose_serving_method, expansion_index
+from index_builder.storage import ArrayStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +41,25 @@ def build(config: BuildConfig) -> artifact.Manifest:
     input_info = input_record(config, source)
     timings["inputs"] = time.perf_counter() - t0
     logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype, len(source.paths))
+    plan = budget.plan_build(
+        budget.detect_budget(config.memory_budget),
+        workload(
+            source.n,
+            source.d,
+            config.params,
+            config.knn,
+            config.block_size,
+            config.serving,
+            config.expansion_index == AUTO,
+        ),
+    )
+    logger.info("%s", plan.describe())
+    if not plan.resident:
+        budget.bound_malloc()
 
     with artifact.staging(config.root) as stage:
         t1 = time.perf_counter()
+        store = array_store(stage, plan, config)
         expansion = Expansion(
             source,
             config.params,
@@ -46,9 +67,11 @@ def build(config: BuildConfig) -> artifact.Manifest:
             block_size=config.block_size,
             show_progress=config.show_progress,
             label=str(config.gallery),
+            plan=plan,
+            store=store,
         )
         for level in expansion:
-            save_level(stage, level, config)
+            save_level(stage, level, config, plan)
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
         timings["expand"] = time.perf_counter() - t1
@@ -57,8 +80,17 @@ def build(config: BuildConfig) -> artifact.Manifest:
 
         t2 = time.perf_counter()
         u = expansion.expanded
-        aqe.normalize_rows_inplace(u, config.block_size)
-        index, serving_entry = build_serving_index(u, config.serving, config.block_size, config.show_progress)
+        aqe.normalize_rows_inplace(
+            u, plan.block_size, out=store.empty("expanded_norms", (source.n,), "float32")
+        )
+        index, serving_entry = build_serving_index(
+            u,
+            config.serving,
+            plan.block_size,
+            config.show_progress,
+            lists=ondisk_lists(stage, plan, stage.serving_ivfdata_path()),
+            flat_limit=None if plan.resident else plan.budget.bytes - budget.BASE_BYTES,
+        )
         stage.save_serving_index(index, serving_entry)
         del index
         timings["serving_index"] = time.perf_counter() - t2
@@ -94,17 +126,20 @@ def build(config: BuildConfig) -> artifact.Manifest:
     return manifest
 
 
-def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> None:
+def save_level(
+    stage: artifact.Staging, level: Level, config: BuildConfig, plan: budget.Plan | None = None
+) -> None:
     """Stage one level with the index online expansion searches in it: its own, the graph's, or none.
 
     After an exact graph (no index) and with ``expansion_index="auto"``, a large level gets an
     index of its own (:func:`~index_builder.serving.expansion_index`); otherwise the graph's
-    index, if any, is kept.
+    index, if any, is kept. Out of core (``plan``), the level's own index has on-disk lists.
     """
     graph = level.knn
     index, entry = None, None
     if graph.index is None and config.expansion_index == AUTO:
-        index, entry = expansion_index(level.rows, config, level.number)
+        lists = ondisk_lists(stage, plan, stage.level_ivfdata_path(level.number))
+        index, entry = expansion_index(level.rows, config, level.number, lists)
     if entry is not None:
         stage.save_level(
             level.number,
@@ -115,6 +150,7 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
             nprobe=entry.nprobe,
             recall_at_k=entry.recall_at_k,
             recall_k=entry.recall_k,
+            dtype=config.level_dtype,
         )
     else:
         stage.save_level(
@@ -127,7 +163,73 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
             ef_search=config.knn.ef_search,
             recall_at_k=graph.recall,
             recall_k=config.params.qe_k,
+            dtype=config.level_dtype,
         )
+
+
+def workload(
+    n: int,
+    d: int,
+    params: AqeParams,
+    knn_spec: KnnSpec,
+    block_size: int,
+    serving_spec: ServingSpec | None,
+    expansion_index: bool = False,
+) -> budget.Workload:
+    """What an expansion (and, with ``serving_spec``, a build) will hold, for the budget's plan.
+
+    ``expansion_index``: levels after an exact graph get an index of their own where ``auto``
+    picks one (:func:`~index_builder.serving.expansion_index`).
+    """
+    k = aqe.effective_qe_k(params.qe_k, n)
+    knn = None if knn_spec.exact else index_size(knn_spec.method, n, d, knn_spec.train_size)
+    if knn is None and serving_spec is not None and expansion_index:
+        method = choose_serving_method(n, d, serving_spec.memory_budget_gib, serving_spec.exact_max_n)[0]
+        knn = None if method == "exact" else index_size(method, n, d)
+    serving = None
+    if serving_spec is not None:
+        method = serving_spec.method
+        if method.lower() == AUTO:
+            method = choose_serving_method(n, d, serving_spec.memory_budget_gib, serving_spec.exact_max_n)[0]
+            if method == "exact":  # out of core, auto falls back to IVF (serving.py, flat_limit)
+                method = choose_serving_method(n, d, serving_spec.memory_budget_gib, 0)[0]
+        serving = index_size(method, n, d, extra=16)
+    ivfs = [s for s in (knn, serving) if s is not None and s.nlist]
+    return budget.Workload(
+        n=n,
+        d=d,
+        k=k,
+        workers=worker_count(),
+        block_size=block_size,
+        knn_index_bytes=knn.bytes if knn else 0,
+        knn_in_memory_only=knn.in_memory_only if knn else None,
+        serving_index_bytes=serving.bytes if serving else 0,
+        serving_in_memory_only=serving.in_memory_only if serving else None,
+        train_rows=max((s.train_rows for s in ivfs), default=0),
+        nlist=max((s.nlist for s in ivfs), default=0),
+        code_size=max((s.code_size for s in ivfs), default=0),
+        nprobe=(knn_spec.nprobe or 1) if knn_spec.batch_lists else 0,
+    )
+
+
+def array_store(stage: artifact.Staging, plan: budget.Plan, config: BuildConfig) -> ArrayStore:
+    """RAM when the plan is resident; else memmaps, the levels written at their final paths."""
+    if plan.resident:
+        return ArrayStore()
+    store = ArrayStore(stage.scratch_dir())
+    for t in range(config.params.qe_times):
+        if config.level_dtype == "float32":
+            store.place(f"level_{t}", stage.level_rows_path(t))
+        store.place(f"level_{t}_norms", stage.level_norms_path(t))
+        store.place(f"level_{t}.ivfdata", stage.level_ivfdata_path(t))
+    return store
+
+
+def ondisk_lists(stage: artifact.Staging, plan: budget.Plan | None, ivfdata: Path) -> OnDiskLists | None:
+    """On-disk inverted lists at ``ivfdata`` when the plan is out of core, else None."""
+    if plan is None or plan.resident:
+        return None
+    return OnDiskLists(ivfdata, stage.scratch_dir(), plan.shard_rows)
 
 
 def input_record(config: BuildConfig, source: EmbeddingSource) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +21,15 @@ import numpy as np
 
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
+from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder import nightly
-from index_builder.build import build
+from index_builder.budget import bound_malloc, detect_budget, parse_size, plan_build
+from index_builder.build import build, workload
 from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
+from index_builder.storage import ArrayStore
 
 logger = logging.getLogger("index_builder")
 
@@ -35,6 +39,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
@@ -88,6 +99,12 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
         help=f"rows per block; memory grows with it (default {DEFAULT_BLOCK_SIZE})",
     )
     g.add_argument("--threads", type=_positive_int, help="FAISS/OpenMP threads (default: all cores)")
+    g.add_argument(
+        "--memory-budget",
+        type=_size,
+        help="memory the job may use, e.g. 512MiB or 4GiB (default: the container's limit or the "
+        "machine's available memory); arrays that do not fit are memory-mapped files",
+    )
     g.add_argument("--no-progress", action="store_true", help="log lines instead of a bar")
 
 
@@ -123,6 +140,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         help="what online expansion searches after an exact graph: 'auto' (default: "
         "exact when small, else the index --serving-index auto would build, nprobe "
         "tuned for the top qe_k - 1) or 'exact' (scan every row per query)",
+    )
+    p.add_argument(
+        "--level-dtype",
+        choices=LEVEL_DTYPES,
+        default="float32",
+        help="dtype of the stored levels online expansion reads (float16: half the disk and page "
+        "cache; the build itself computes in float32)",
     )
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
@@ -260,17 +284,30 @@ def cmd_expand(args: argparse.Namespace) -> int:
         queries = open_embeddings(args.queries)
         nq = queries.n
         source = queries.concat(gallery)
+    knn = _knn_spec(args)
+    plan = plan_build(
+        detect_budget(args.memory_budget),
+        workload(source.n, source.d, _params(args), knn, args.block_size, None),
+    )
+    logger.info("%s", plan.describe())
+    if not plan.resident:
+        bound_malloc()
     tmp = args.output.with_name(f".{args.output.name}.expanding-{os.getpid()}")
+    scratch = None if plan.resident else args.output.with_name(f".{args.output.name}.scratch-{os.getpid()}")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(source.n, source.d))
     try:
+        if scratch is not None:
+            scratch.mkdir()
         _, report = expand_source(
             source,
             _params(args),
-            _knn_spec(args),
+            knn,
             block_size=args.block_size,
             out=out,
             show_progress=False if args.no_progress else None,
             label=str(args.input),
+            plan=plan,
+            store=ArrayStore(scratch),
         )
         if nq:
             _write_npy(args.queries_out, out[:nq], args.block_size)
@@ -284,6 +321,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     recall = report.graph_recall
     logger.info(
         "expanded %d x %d (qe_k=%d effective, %d round(s))%s: %s",
@@ -330,6 +370,8 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         show_progress=False if args.no_progress else None,
         quality=_quality_spec(args),
         expansion_index=args.expansion_index,
+        memory_budget=args.memory_budget,
+        level_dtype=args.level_dtype,
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
 from index_builder.knn import KnnSpec
 
@@ -94,8 +95,16 @@ class BuildConfig:
     show_progress: bool | None = None
     quality: QualitySpec | None = None
     expansion_index: str = AUTO
+    memory_budget: int | None = None
+    """Bytes the build may use (``--memory-budget``); None: the container's limit or free memory."""
+    level_dtype: str = "float32"
+    """dtype of the stored level rows online expansion reads: float32 or float16."""
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None and self.memory_budget < 1:
+            raise ValueError(f"memory_budget must be >= 1 byte, got {self.memory_budget}")
+        if self.level_dtype not in LEVEL_DTYPES:
+            raise ValueError(f"level_dtype must be one of {LEVEL_DTYPES}, got {self.level_dtype!r}")
         if self.expansion_index not in EXPANSION_INDEXES:
             raise ValueError(
                 f"expansion_index must be one of {EXPANSION_INDEXES}, got {self.expansion_index!r}"

@@ -1,7 +1,8 @@
 """AQE over a whole matrix, memory-bounded: normalise, kNN, expand, round after round.
 
 This is the reference's ``aqe`` (``docs/AQE.md``) without its N x N similarity matrix. Peak
-memory, for N rows of dimension d and ``k = qe_k``::
+memory of a resident run (no ``plan``, or one that fits), for N rows of dimension d and
+``k = qe_k``::
 
     2 * N * d * 4 bytes       normalised rows of the previous level + the expanded rows
   + N * k * 12 bytes          neighbour ids (int64) and similarities (float32)
@@ -9,7 +10,11 @@ memory, for N rows of dimension d and ``k = qe_k``::
   + 1024 * k * d * 8          gathered neighbour rows of one expansion chunk (EXPAND_CHUNK)
   + the approximate kNN index, if any (e.g. ~N * d * 4 for IVF,Flat)
 
-The expanded rows can live in a memory-mapped file (``out=``) instead of RAM.
+The expanded rows can live in a memory-mapped file (``out=``) instead of RAM. Out of core (a
+:class:`~index_builder.budget.Plan` that does not fit, with an
+:class:`~index_builder.storage.ArrayStore` over a directory) every array of N rows is a memory-mapped
+file, the kNN heaps cover a stripe of rows, IVF lists are on disk, and the anonymous memory is
+the plan's (``index_builder.budget``).
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aqe_retrieval import aqe
+from index_builder import budget
+from index_builder.budget import Plan
 from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
-from index_builder.knn import KnnResult, KnnSpec, self_knn
+from index_builder.knn import KnnMemory, KnnResult, KnnSpec, self_knn
+from index_builder.ondisk import OnDiskLists
 from index_builder.progress import progress
+from index_builder.storage import ArrayStore
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 16384
-EXPAND_CHUNK = 1024
+EXPAND_CHUNK = budget.EXPAND_CHUNK
 """Rows expanded at a time: their gathered neighbours take ``EXPAND_CHUNK * k * d * 8`` bytes."""
 
 
@@ -79,15 +88,21 @@ class ExpansionReport:
 
 
 def load_normalized(
-    source: EmbeddingSource, block_size: int, label: str, show_progress: bool | None = None
+    source: EmbeddingSource,
+    block_size: int,
+    label: str,
+    show_progress: bool | None = None,
+    store: ArrayStore | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read, validate and L2-normalise all rows: ``(u (n, d) float32, norms (n,) float32)``.
 
     Raises :class:`~aqe_retrieval.errors.InputError` naming the first NaN/Inf and all-zero rows.
+    ``store``: where ``u`` and ``norms`` are allocated (``level_0``, ``level_0_norms``).
     """
     n, d = source.n, source.d
-    u = np.empty((n, d), dtype=np.float32)
-    norms = np.empty(n, dtype=np.float32)
+    store = store or ArrayStore()
+    u = store.empty("level_0", (n, d), np.float32)
+    norms = store.empty("level_0_norms", (n,), np.float32)
     with progress("read+normalise", n, enabled=show_progress) as update:
         for start, block in source.blocks(block_size):
             # Stop at the first block with bad rows: naming them beats reading the rest.
@@ -117,8 +132,11 @@ class Expansion:
 
     Iterate it for levels ``0 .. qe_times - 1`` (:class:`Level`); afterwards ``expanded`` holds
     the result (n, d) float32 and ``report`` what each round measured. ``out``, if given, is a
-    writable (n, d) float32 array (e.g. a memmap) that receives the result. Arguments are
-    checked on construction; the work happens during the iteration, which runs once.
+    writable (n, d) float32 array (e.g. a memmap) that receives the result. ``plan`` and
+    ``store`` bound memory (module docstring): arrays are allocated in ``store`` as ``level_<t>``,
+    ``level_<t>_norms``, ``graph_<t>_ids``/``_sims`` and ``expanded``, an IVF graph's lists at its
+    file ``level_<t>.ivfdata``. Arguments are checked on construction; the work happens during
+    the iteration, which runs once.
     """
 
     def __init__(
@@ -131,6 +149,8 @@ class Expansion:
         out: np.ndarray | None = None,
         show_progress: bool | None = None,
         label: str = "input",
+        plan: Plan | None = None,
+        store: ArrayStore | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
@@ -142,6 +162,9 @@ class Expansion:
             raise ValueError(f"out must be float32 of shape {(n, d)}, got {out.dtype} {out.shape}")
         self.source, self.params, self.knn = source, params, knn or KnnSpec()
         self.block_size, self.out, self.show_progress, self.label = block_size, out, show_progress, label
+        self.plan, self.store = plan, store or ArrayStore()
+        if plan is not None and not plan.resident:
+            self.block_size = min(block_size, plan.block_size)
         self.report = ExpansionReport(n=n, d=d, effective_qe_k=k)
         self._started = False
         self._expanded: np.ndarray | None = None
@@ -161,12 +184,13 @@ class Expansion:
         params, block_size, show_progress = self.params, self.block_size, self.show_progress
         n, d, k = self.report.n, self.report.d, self.report.effective_qe_k
         t0 = time.perf_counter()
-        u, norms = load_normalized(self.source, block_size, self.label, show_progress)
+        store = self.store
+        u, norms = load_normalized(self.source, block_size, self.label, show_progress, store)
         self.report.read_seconds = time.perf_counter() - t0
         x = u
         for t in range(1, params.qe_times + 1):
             with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
-                result = self_knn(u, k, self.knn, block_size, update)
+                result = self_knn(u, k, self.knn, block_size, update, memory=self._knn_memory(t - 1))
             if result.recall is not None:
                 logger.info(
                     "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample
@@ -174,9 +198,13 @@ class Expansion:
             yield Level(t - 1, u, norms, result)
             t1 = time.perf_counter()
             last = t == params.qe_times
-            x = self.out if (last and self.out is not None) else np.empty((n, d), dtype=np.float32)
+            if last and self.out is not None:
+                x = self.out
+            else:
+                x = store.empty("expanded" if last else f"level_{t}", (n, d), np.float32)
             with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
-                step = min(block_size, EXPAND_CHUNK)
+                chunk = EXPAND_CHUNK if self.plan is None else self.plan.chunk
+                step = min(block_size, chunk)
                 for lo in range(0, n, step):
                     hi = min(n, lo + step)
                     x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
@@ -184,12 +212,28 @@ class Expansion:
             self.report.rounds.append(
                 RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall, result.recall_sample)
             )
+            del result
+            store.discard(f"graph_{t - 1}_ids")
+            store.discard(f"graph_{t - 1}_sims")
             if not last:
                 # x becomes the next level's normalised rows in place: raw = norm * u.
-                del u
-                norms = aqe.normalize_rows_inplace(x, block_size)
+                del u, norms
+                store.discard(f"level_{t - 1}")
+                store.discard(f"level_{t - 1}_norms")
+                norms = aqe.normalize_rows_inplace(
+                    x, block_size, out=store.empty(f"level_{t}_norms", (n,), np.float32)
+                )
                 u = x
         self._expanded = x
+
+    def _knn_memory(self, level: int) -> KnnMemory:
+        """The kNN phase's share of the plan for level ``level`` (all in RAM when resident)."""
+        plan, store = self.plan, self.store
+        if plan is None or plan.resident:
+            return KnnMemory(store=store, graph=f"graph_{level}")
+        ivfdata, scratch = store.file(f"level_{level}.ivfdata"), store.directory
+        lists = OnDiskLists(ivfdata, scratch, plan.shard_rows) if ivfdata and scratch else None
+        return KnnMemory(plan.tile, plan.stripe, lists, store, f"graph_{level}")
 
 
 def expand_source(
@@ -201,6 +245,8 @@ def expand_source(
     out: np.ndarray | None = None,
     show_progress: bool | None = None,
     label: str = "input",
+    plan: Plan | None = None,
+    store: ArrayStore | None = None,
 ) -> tuple[np.ndarray, ExpansionReport]:
     """Expand every row of ``source`` ``qe_times`` times; returns ``(X (n, d) float32, report)``.
 
@@ -208,7 +254,15 @@ def expand_source(
     To see each level's rows and kNN on the way, iterate an :class:`Expansion` instead.
     """
     expansion = Expansion(
-        source, params, knn, block_size=block_size, out=out, show_progress=show_progress, label=label
+        source,
+        params,
+        knn,
+        block_size=block_size,
+        out=out,
+        show_progress=show_progress,
+        label=label,
+        plan=plan,
+        store=store,
     )
     for _ in expansion:
         pass

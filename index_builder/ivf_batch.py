@@ -4,7 +4,9 @@ Every row is assigned to its ``nprobe`` nearest lists once (the coarse assignmen
 list's rows are scored against all the rows that probe it in one GEMM, instead of one list scan
 per row: the same candidates as ``index.search(u, k)`` at that ``nprobe``. Extra memory:
 ``N * nprobe * 4`` bytes of list assignments, plus the per-worker heaps (``index_builder.pool``)
-and tiles of at most ``SYMMETRIC_TILE**2`` values.
+and tiles of at most ``SYMMETRIC_TILE**2`` values. Under a memory budget the assignment is a
+memory-mapped file, the lists are on disk, and rows are searched one stripe at a time: each list's
+members and the stripe's rows that probe it are read when its task runs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from faiss import swig_ptr
 
 from aqe_retrieval.errors import KnnConfigError
+from index_builder.ondisk import OnDiskLists, fill_ondisk
 from index_builder.pool import (
     Progress,
     Ticker,
@@ -25,6 +28,7 @@ from index_builder.pool import (
     single_threaded_blas,
     worker_count,
 )
+from index_builder.storage import ArrayStore
 from index_builder.symmetric import SYMMETRIC_TILE
 
 
@@ -38,30 +42,59 @@ def batch_self_knn(
     *,
     workers: int | None = None,
     tile: int = SYMMETRIC_TILE,
+    stripe: int | None = None,
+    lists: OnDiskLists | None = None,
+    store: ArrayStore | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fill the trained, empty ``IndexIVFFlat`` ``index`` with ``u`` and batch-search it.
 
-    The coarse assignment is computed once: its first column places every row in its list (no
-    second quantizer pass for ``add``), all its columns drive :func:`batch_list_search`.
+    The coarse assignment is computed once (into ``store``'s ``assign`` array, a memmap out of
+    core): its first column places every row in its list (no second quantizer pass for
+    ``add``; the lists go on disk when ``lists`` is given), all its columns drive
+    :func:`batch_list_search`.
     """
     ivf = faiss.extract_index_ivf(index)
-    assign = coarse_assignment(index, u, min(nprobe or 1, ivf.nlist), block_size)
-    for lo in range(0, u.shape[0], block_size):
-        xb, near = u[lo : lo + block_size], assign[lo : lo + block_size, 0].astype(np.int64)
-        ivf.add_core(len(xb), swig_ptr(xb), None, swig_ptr(near))
-    return batch_list_search(
-        index, u, k, assign.shape[1], block_size, progress, assign, workers=workers, tile=tile
-    )
+    probes = min(nprobe or 1, ivf.nlist)
+    assign = (store or ArrayStore()).empty("assign", (u.shape[0], probes), np.int32)
+    coarse_assignment(index, u, probes, block_size, out=assign)
+    if lists is not None:
+        fill_ondisk(index, u, lists, coarse=assign[:, 0])
+    else:
+        for lo in range(0, u.shape[0], block_size):
+            xb, near = u[lo : lo + block_size], assign[lo : lo + block_size, 0].astype(np.int64)
+            ivf.add_core(len(xb), swig_ptr(xb), None, swig_ptr(near))
+    try:
+        return batch_list_search(
+            index,
+            u,
+            k,
+            probes,
+            block_size,
+            progress,
+            assign,
+            workers=workers,
+            tile=tile,
+            stripe=stripe,
+            out=out,
+        )
+    finally:
+        del assign
+        if store is not None:
+            store.discard("assign")
 
 
-def coarse_assignment(index: Any, u: np.ndarray, nprobe: int, block_size: int) -> np.ndarray:
+def coarse_assignment(
+    index: Any, u: np.ndarray, nprobe: int, block_size: int, out: np.ndarray | None = None
+) -> np.ndarray:
     """The ``nprobe`` nearest inverted lists of every row of ``u``: (n, nprobe) int32, nearest first."""
     ivf = faiss.extract_index_ivf(index)
-    assign = np.empty((u.shape[0], nprobe), dtype=np.int32)
+    assign = np.empty((u.shape[0], nprobe), dtype=np.int32) if out is None else out
     for lo in range(0, u.shape[0], block_size):
-        assign[lo : lo + block_size] = ivf.quantizer.search(u[lo : lo + block_size], nprobe)[1]
-    if (assign < 0).any():
-        raise KnnConfigError(f"the coarse quantizer of {ivf.nlist} lists returned no list")
+        block = ivf.quantizer.search(np.ascontiguousarray(u[lo : lo + block_size]), nprobe)[1]
+        if (block < 0).any():
+            raise KnnConfigError(f"the coarse quantizer of {ivf.nlist} lists returned no list")
+        assign[lo : lo + block_size] = block
     return assign
 
 
@@ -76,6 +109,8 @@ def batch_list_search(
     *,
     workers: int | None = None,
     tile: int = SYMMETRIC_TILE,
+    stripe: int | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` of every row of ``u`` in the ``IndexIVFFlat`` ``index`` over ``u``, list by list.
 
@@ -83,36 +118,53 @@ def batch_list_search(
     nearest lists), scored by one GEMM per inverted list (chunked to ``tile**2`` values) instead
     of one scan per row. ``assign``: :func:`coarse_assignment`, if known (it is consumed).
     Returns (sims, ids) (n, k), best first, ``-1`` padded. Extra memory: ``n * nprobe * 4``
-    bytes plus the per-worker heaps and tiles.
+    bytes plus the per-worker heaps and tiles. ``stripe``: rows searched at a time (default
+    all): each stripe copies its rows of ``assign`` (a memmap, say), holds heaps of
+    ``workers * stripe * k * 12`` bytes and writes its result into ``out`` (sims, ids).
     """
     ivf = faiss.extract_index_ivf(index)
     n = u.shape[0]
     nprobe = min(nprobe or ivf.nprobe, ivf.nlist)
     if assign is None:
         assign = coarse_assignment(index, u, nprobe, block_size)
-    # afterwards assign.ravel()[lims[l]:lims[l + 1]] are the rows that probe list l
+    workers = workers or worker_count()
+    ticker = Ticker(progress, n, n * assign.shape[1])
+    if stripe is None or stripe >= n:
+        return _search_rows(ivf, u, k, assign, 0, workers, tile, ticker)
+    sims, ids = out or (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
+    for s0 in range(0, n, stripe):
+        s1 = min(n, s0 + stripe)
+        part = np.array(assign[s0:s1], dtype=np.int32)
+        sims[s0:s1], ids[s0:s1] = _search_rows(ivf, u, k, part, s0, workers, tile, ticker)
+    return sims, ids
+
+
+def _search_rows(
+    ivf: Any, u: np.ndarray, k: int, assign: np.ndarray, s0: int, workers: int, tile: int, ticker: Ticker
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of rows [s0, s0 + len(assign)) of ``u``, whose lists ``assign`` holds (consumed)."""
+    m = assign.shape[0]
+    # afterwards assign.ravel()[lims[l]:lims[l + 1]] are the rows (from s0) that probe list l
     lims = faiss.matrix_bucket_sort_inplace(assign, nbucket=ivf.nlist, nt=faiss.omp_get_max_threads())
     queries = assign.ravel()
-    list_ids = [inverted_list_ids(ivf.invlists, lst) for lst in range(ivf.nlist)]
+    sizes = [ivf.invlists.list_size(lst) for lst in range(ivf.nlist)]
     tasks = []
-    for lst, ids in enumerate(list_ids):
+    for lst, size in enumerate(sizes):
         lo, hi = int(lims[lst]), int(lims[lst + 1])
         # a chunk's scores (rows x list) and gathered rows (rows x d) stay within one tile
-        step = max(1, tile**2 // max(len(ids), u.shape[1], 1))
-        tasks += [(lst, q, min(hi, q + step)) for q in range(lo, hi, step) if len(ids)]
-    tasks.sort(key=lambda t: (t[2] - t[1]) * len(list_ids[t[0]]), reverse=True)
-    workers = workers or worker_count()
-    heaps = result_heaps(n, k, workers)
+        step = max(1, tile**2 // max(size, u.shape[1], 1))
+        tasks += [(lst, q, min(hi, q + step)) for q in range(lo, hi, step) if size]
+    tasks.sort(key=lambda t: (t[2] - t[1]) * sizes[t[0]], reverse=True)
+    heaps = result_heaps(m, k, workers)
 
     def scan(task: tuple[int, int, int], slot: int) -> None:
         lst, q0, q1 = task
-        ids, rows = list_ids[lst], queries[q0:q1].astype(np.int64)
-        s = u[rows] @ u[ids].T
+        ids, rows = inverted_list_ids(ivf.invlists, lst), queries[q0:q1].astype(np.int64)
+        s = u[rows + s0] @ u[ids].T
         heaps[slot].heaps.addn_query_subset_with_ids(
             len(rows), swig_ptr(rows), len(ids), swig_ptr(s), swig_ptr(ids), 0
         )
 
-    ticker = Ticker(progress, n, len(queries))
     with single_threaded_blas(workers):
         run_tiles(tasks, scan, workers, lambda t: ticker(t[2] - t[1]))
     return merge_heaps(heaps)

@@ -28,7 +28,9 @@ import numpy as np
 from aqe_retrieval.errors import KnnConfigError
 from aqe_retrieval.faiss_search import exact_knn, search_parameters
 from index_builder.ivf_batch import batch_self_knn
+from index_builder.ondisk import OnDiskLists, fill_ondisk
 from index_builder.pool import Progress
+from index_builder.storage import ArrayStore
 from index_builder.symmetric import SYMMETRIC_TILE, symmetric_self_knn
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,22 @@ class KnnSpec:
 
 
 @dataclass(frozen=True)
+class KnnMemory:
+    """How one kNN phase stays inside its memory budget (``index_builder.budget``).
+
+    ``tile``: tile side of the tiled kernels; ``stripe``: heap rows held at a time (None: all);
+    ``lists``: put an IVF index's inverted lists on disk there; ``store``: where the graph
+    (``<graph>_ids``, ``<graph>_sims``) and the coarse assignment are allocated.
+    """
+
+    tile: int = SYMMETRIC_TILE
+    stripe: int | None = None
+    lists: OnDiskLists | None = None
+    store: ArrayStore | None = None
+    graph: str = "graph"
+
+
+@dataclass(frozen=True)
 class KnnResult:
     """Top-k neighbours of every row: ``ids`` (n, k) int64, ``sims`` (n, k) float32, best first."""
 
@@ -83,11 +101,17 @@ class KnnResult:
 
 
 def build_index(
-    u: np.ndarray, spec: KnnSpec, block_size: int, progress: Progress | None = None, add: bool = True
+    u: np.ndarray,
+    spec: KnnSpec,
+    block_size: int,
+    progress: Progress | None = None,
+    add: bool = True,
+    lists: OnDiskLists | None = None,
 ) -> Any:
     """A trained FAISS inner-product index over ``u`` (n, d) float32, built from ``spec.method``.
 
-    With ``add=False`` the index is trained but left empty.
+    With ``add=False`` the index is trained but left empty. With ``lists``, an IVF index's
+    inverted lists are built on disk there (:func:`~index_builder.ondisk.fill_ondisk`).
     """
     n, d = u.shape
     index = _factory(d, spec)
@@ -100,6 +124,9 @@ def build_index(
             raise KnnConfigError(
                 f"training {spec.method!r} on {len(sample)} rows failed: {_first_line(exc)}"
             ) from exc
+    if add and lists is not None and faiss.try_extract_index_ivf(index) is not None:
+        fill_ondisk(index, u, lists, progress=progress)
+        return index
     for lo in range(0, n if add else 0, block_size):
         index.add(np.ascontiguousarray(u[lo : lo + block_size]))
         if progress:
@@ -114,41 +141,68 @@ def self_knn(
     block_size: int,
     progress: Progress | None = None,
     workers: int | None = None,
+    memory: KnnMemory | None = None,
 ) -> KnnResult:
     """Top-``k`` neighbours of every row of ``u`` (n, d) float32 among all rows, itself included.
 
     ``workers``: threads of the tiled routes (default :func:`~index_builder.pool.worker_count`).
+    ``memory``: tile, heap stripe, on-disk lists and where the graph lives (default: all in RAM).
     """
     t0 = time.perf_counter()
+    memory = memory or KnnMemory()
     u = np.ascontiguousarray(u, dtype=np.float32)
     n = u.shape[0]
     index = None
-    if spec.exact and use_symmetric(n, spec.exact_kernel):
-        sims, ids = symmetric_self_knn(u, k, min(block_size, SYMMETRIC_TILE), progress, workers)
+    store = memory.store or ArrayStore()
+    symmetric = spec.exact and use_symmetric(n, spec.exact_kernel)
+    # the graph: written by stripes or blocks into the store's arrays (memmaps out of core); the
+    # tiled kernels' own heaps are the result when they hold every row at once
+    by_rows = (memory.stripe is not None and memory.stripe < n) or not (symmetric or spec.batch_lists)
+    out = None
+    if by_rows:
+        out = (
+            store.empty(f"{memory.graph}_sims", (n, k), np.float32),
+            store.empty(f"{memory.graph}_ids", (n, k), np.int64),
+        )
+    if symmetric:
+        tile = min(block_size, memory.tile)
+        sims, ids = symmetric_self_knn(u, k, tile, progress, workers, memory.stripe, out)
     elif spec.batch_lists:
         if not isinstance(faiss.downcast_index(_factory(u.shape[1], spec)), faiss.IndexIVFFlat):
             raise KnnConfigError(f"batch_lists needs an 'IVF<nlist>,Flat' index, got {spec.method!r}")
         index = build_index(u, spec, block_size, add=False)
-        sims, ids = batch_self_knn(index, u, k, spec.nprobe, block_size, progress, workers=workers)
+        sims, ids = batch_self_knn(
+            index,
+            u,
+            k,
+            spec.nprobe,
+            block_size,
+            progress,
+            workers=workers,
+            tile=memory.tile,
+            stripe=memory.stripe,
+            lists=memory.lists,
+            store=memory.store,
+            out=out,
+        )
     else:
         if spec.exact:
             search = lambda xq: exact_knn(xq, u, k)  # noqa: E731
         else:
-            index = build_index(u, spec, block_size)
+            index = build_index(u, spec, block_size, lists=memory.lists)
             params = search_parameters(index, spec.nprobe, spec.ef_search)
             search = lambda xq: index.search(xq, k, params=params)  # noqa: E731
-        ids = np.empty((n, k), dtype=np.int64)
-        sims = np.empty((n, k), dtype=np.float32)
+        assert out is not None
+        sims, ids = out
         for lo in range(0, n, block_size):
             hi = min(n, lo + block_size)
             sims[lo:hi], ids[lo:hi] = search(np.ascontiguousarray(u[lo:hi]))
             if progress:
                 progress(hi - lo)
-    missing = ids < 0
-    if missing.any():
+    rows = short_rows(ids, block_size)
+    if len(rows):
         # An approximate index can return fewer than k hits (empty inverted lists): fall back to
         # exact search for those rows rather than averaging padding.
-        rows = np.flatnonzero(missing.any(axis=1))
         logger.warning("%d rows got fewer than %d neighbours; searched exactly", len(rows), k)
         sims[rows], ids[rows] = exact_knn(u[rows], u, k)
     recall, sample = (None, 0)
@@ -156,6 +210,42 @@ def self_knn(
         rows = sample_rows(n, spec.recall_sample, spec.seed)
         recall, sample = set_recall(ids[rows], exact_knn(u[rows], u, k)[1]), len(rows)
     return KnnResult(ids, sims, recall, sample, time.perf_counter() - t0, index)
+
+
+def short_rows(ids: np.ndarray, block_size: int) -> np.ndarray:
+    """Rows of ``ids`` (n, k) with a ``-1`` (fewer than k hits), read block by block."""
+    found = [
+        lo + np.flatnonzero((ids[lo : lo + block_size] < 0).any(axis=1))
+        for lo in range(0, len(ids), block_size)
+    ]
+    return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class IndexSize:
+    """What an index built from a factory string holds: bytes, and whether it can go out of core."""
+
+    bytes: int
+    in_memory_only: str | None
+    nlist: int = 0
+    code_size: int = 0
+    train_rows: int = 0
+
+
+def index_size(method: str, n: int, d: int, train_size: int | None = None, extra: int = 8) -> IndexSize:
+    """Size of ``method`` (a factory string or ``exact``) over n rows of dimension d.
+
+    IVF indexes can put their lists on disk (``N (code_size + extra)`` bytes, ``extra`` the id
+    and any direct map); flat and graph indexes (HNSW, ...) hold everything in memory.
+    """
+    if method.lower() in (EXACT, "flat"):
+        return IndexSize(4 * n * d, "a flat index holds every row")
+    index = _factory(d, KnnSpec(method=method))
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return IndexSize(n * (4 * d + 128), f"{method} keeps its vectors and links in memory")
+    rows = train_size if train_size is not None else max(50 * ivf.nlist, 10_000)
+    return IndexSize(n * (ivf.code_size + extra), None, ivf.nlist, ivf.code_size, min(n, rows))
 
 
 def use_symmetric(n: int, exact_kernel: str = "auto") -> bool:

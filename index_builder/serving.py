@@ -18,6 +18,7 @@ from aqe_retrieval import artifact
 from aqe_retrieval.faiss_search import exact_knn, search_parameters
 from index_builder.config import AUTO, AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, BuildConfig, ServingSpec
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
+from index_builder.ondisk import OnDiskLists
 from index_builder.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,8 @@ def build_serving_index(
     block_size: int,
     show_progress: bool | None = None,
     what: str = "serving index",
+    lists: OnDiskLists | None = None,
+    flat_limit: int | None = None,
 ) -> tuple[Any, artifact.ServingIndexEntry]:
     """The index searched by the service over ``u`` (n, d) normalised expanded rows.
 
@@ -36,16 +39,21 @@ def build_serving_index(
     chosen. For an approximate index, recall@k against exact search is measured on a sample of
     rows used as queries; IVF indexes get a direct map (8 bytes a row) so that the service can
     reconstruct rows for its exact fallback under filters.
+
+    Out of core, ``lists`` puts an IVF index's inverted lists on disk, and ``auto`` does not
+    choose flat search when its ``4 n d`` bytes exceed ``flat_limit`` (the build's memory).
     """
     n, d = u.shape
     nprobe = spec.nprobe
     method = spec.method
     if method.lower() == AUTO:
-        method, reason = choose_serving_method(n, d, spec.memory_budget_gib, spec.exact_max_n)
+        method, reason = choose_serving_method(
+            n, d, spec.memory_budget_gib, _exact_max_n(spec, n, d, flat_limit)
+        )
         logger.info("%s auto: %s (%s)", what, method, reason)
     knn_spec = KnnSpec(method=method, seed=spec.seed)
     with progress(what, n, enabled=show_progress) as update:
-        index = build_index(u, knn_spec, block_size, update)
+        index = build_index(u, knn_spec, block_size, update, lists=lists)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()
@@ -81,7 +89,10 @@ def build_serving_index(
 
 
 def expansion_index(
-    rows: np.ndarray, config: BuildConfig, level: int
+    rows: np.ndarray,
+    config: BuildConfig,
+    level: int,
+    lists: OnDiskLists | None = None,
 ) -> tuple[Any, artifact.ServingIndexEntry | None]:
     """The index online expansion searches in a level whose graph was exact, or (None, None).
 
@@ -90,10 +101,12 @@ def expansion_index(
     not fit the serving memory budget) this builds the index ``--serving-index auto`` would,
     with the smallest nprobe whose recall of the top ``qe_k - 1`` neighbours (what expansion
     takes) reaches the serving recall target, measured against exact search on a sample.
+    ``lists``: on-disk inverted lists, out of core ("exact" builds nothing, so it always fits).
     """
     n, d = rows.shape
     serving = config.serving
-    if choose_serving_method(n, d, serving.memory_budget_gib, serving.exact_max_n)[0] == "exact":
+    exact_max_n = serving.exact_max_n
+    if choose_serving_method(n, d, serving.memory_budget_gib, exact_max_n)[0] == "exact":
         return None, None
     spec = ServingSpec(
         method=AUTO,
@@ -102,7 +115,7 @@ def expansion_index(
         seed=serving.seed,
         memory_budget_gib=serving.memory_budget_gib,
         recall_target=serving.recall_target,
-        exact_max_n=serving.exact_max_n,
+        exact_max_n=exact_max_n,
     )
     return build_serving_index(
         np.ascontiguousarray(rows, dtype=np.float32),
@@ -110,7 +123,13 @@ def expansion_index(
         config.block_size,
         config.show_progress,
         what=f"level {level} expansion index",
+        lists=lists,
     )
+
+
+def _exact_max_n(spec: ServingSpec, n: int, d: int, flat_limit: int | None) -> int:
+    """``spec.exact_max_n``, or 0 (no flat search) when flat rows exceed the build's memory."""
+    return 0 if flat_limit is not None and 4 * n * d > flat_limit else spec.exact_max_n
 
 
 def choose_serving_method(

@@ -5,7 +5,8 @@ top-k of both sides: the rows of block a (a ``faiss.ResultHeap`` insertion) and 
 b (the tile's columns, filtered by those rows' current k-th best value first, so the transposed
 tile is never copied). Half the flops of a full scan; similarities are the GEMM's own values.
 Extra memory: ``workers * 5 * SYMMETRIC_TILE**2`` bytes of tiles (more only while ``k`` is
-comparable to the tile) plus the per-worker heaps (``index_builder.pool``).
+comparable to the tile) plus the per-worker heaps (``index_builder.pool``); under a memory
+budget the heaps cover one stripe of rows at a time.
 """
 
 from __future__ import annotations
@@ -37,19 +38,58 @@ def symmetric_self_knn(
     tile: int = SYMMETRIC_TILE,
     progress: Progress | None = None,
     workers: int | None = None,
+    stripe: int | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``u`` (n, d) float32 against itself: (sims, ids) (n, k), best first.
 
     Diagonal tiles first (each fills only its own rows' heaps, so they run in parallel on one
     heap); their k-th best values then serve as a floor that keeps the column side sparse.
     ``workers``: tile threads (default :func:`~index_builder.pool.worker_count`).
+
+    ``stripe``: heap rows held at a time (default all). With fewer, rows are done stripe by
+    stripe: tile pairs inside the stripe stay symmetric, those reaching outside it feed only
+    the stripe's rows (up to twice the GEMMs, heaps of ``workers * stripe * k * 12`` bytes);
+    each stripe's result goes into ``out`` (sims, ids), e.g. memmaps.
     """
     n = u.shape[0]
-    starts = range(0, n, tile)
+    workers = workers or worker_count()
+    if stripe is None or stripe >= n:
+        return _stripe_knn(u, k, 0, n, tile, workers, Ticker(progress, n, _stripe_cells(n, 0, n, tile)))
+    stripe = max(tile, stripe // tile * tile)
+    sims, ids = out or (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
+    starts = range(0, n, stripe)
+    ticker = Ticker(progress, n, sum(_stripe_cells(n, s0, min(n, s0 + stripe), tile) for s0 in starts))
+    for s0 in starts:
+        s1 = min(n, s0 + stripe)
+        sims[s0:s1], ids[s0:s1] = _stripe_knn(u, k, s0, s1, tile, workers, ticker)
+    return sims, ids
+
+
+def _stripe_tasks(n: int, s0: int, s1: int, tile: int) -> tuple[list[tuple[int, int]], ...]:
+    """Tile pairs of rows [s0, s1): diagonal, symmetric inside the stripe, one-sided outside it."""
+    starts = range(s0, s1, tile)
     diagonal = [(a, a) for a in starts]
     off = [(a, b) for a in starts for b in starts if b > a]
-    workers = workers or worker_count()
-    heaps = result_heaps(n, k, workers)
+    outside = [(a, b) for a in starts for b in range(0, n, tile) if not s0 <= b < s1]
+    return diagonal, off, outside
+
+
+def _cells(n: int, tile: int, task: tuple[int, int]) -> int:
+    return min(tile, n - task[0]) * min(tile, n - task[1])
+
+
+def _stripe_cells(n: int, s0: int, s1: int, tile: int) -> int:
+    return sum(_cells(n, tile, t) for tasks in _stripe_tasks(n, s0, s1, tile) for t in tasks)
+
+
+def _stripe_knn(
+    u: np.ndarray, k: int, s0: int, s1: int, tile: int, workers: int, ticker: Ticker
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of rows [s0, s1) of ``u`` among all its rows: (sims, ids) (s1 - s0, k)."""
+    n = u.shape[0]
+    diagonal, off, outside = _stripe_tasks(n, s0, s1, tile)
+    heaps = result_heaps(s1 - s0, k, workers)
     result = heaps[0]
     buffers = [np.empty(min(tile, n) ** 2, dtype=np.float32) for _ in range(workers)]
     floor = np.empty(0, dtype=np.float32)
@@ -61,34 +101,40 @@ def symmetric_self_knn(
 
     def diagonal_tile(task: tuple[int, int], slot: int) -> None:
         s = gemm(*task, slot)
-        result.heaps.addn(s.shape[1], swig_ptr(s), task[0], task[0], s.shape[0])
+        result.heaps.addn(s.shape[1], swig_ptr(s), task[0], task[0] - s0, s.shape[0])
 
     def off_tile(task: tuple[int, int], slot: int) -> None:
         a0, b0 = task
         s = gemm(a0, b0, slot)
         heap = heaps[slot]
-        heap.heaps.addn(s.shape[1], swig_ptr(s), b0, a0, s.shape[0])
+        heap.heaps.addn(s.shape[1], swig_ptr(s), b0, a0 - s0, s.shape[0])
         # every heap's k-th best bounds the final one from below (the other workers' heaps are
         # read while they change: any value read is one they held, so still a lower bound)
-        bound = floor[b0 : b0 + s.shape[1]]
+        b = b0 - s0
+        bound = floor[b : b + s.shape[1]]
         for other in heaps:
             if other is not heap:
-                bound = np.maximum(bound, other.D[b0 : b0 + s.shape[1], 0])
-        add_columns(heap, s, a0, b0, bound)
+                bound = np.maximum(bound, other.D[b : b + s.shape[1], 0])
+        add_columns(heap, s, a0 - s0, b, bound, id_offset=s0)
+
+    def outside_tile(task: tuple[int, int], slot: int) -> None:
+        a0, b0 = task
+        s = gemm(a0, b0, slot)
+        heaps[slot].heaps.addn(s.shape[1], swig_ptr(s), b0, a0 - s0, s.shape[0])
 
     def cells(task: tuple[int, int]) -> int:
-        return min(tile, n - task[0]) * min(tile, n - task[1])
+        return _cells(n, tile, task)
 
-    ticker = Ticker(progress, n, sum(cells(t) for t in diagonal + off))
     with single_threaded_blas(workers):
         run_tiles(diagonal, diagonal_tile, workers, lambda t: ticker(cells(t)))
         floor = result.D[:, 0].copy()
         run_tiles(off, off_tile, workers, lambda t: ticker(cells(t)))
+        run_tiles(outside, outside_tile, workers, lambda t: ticker(cells(t)))
     return merge_heaps(heaps)
 
 
-def add_columns(heap: Any, s: np.ndarray, a0: int, b0: int, bound: np.ndarray) -> None:
-    """Merge the columns of tile ``s`` (rows a0.., columns b0..) into ``heap``'s rows b0...
+def add_columns(heap: Any, s: np.ndarray, a0: int, b0: int, bound: np.ndarray, id_offset: int = 0) -> None:
+    """Merge the columns of tile ``s`` (heap rows a0.., columns b0..) into ``heap``'s rows b0...
 
     Only values above ``bound`` (bj,) (a lower bound of each row's final k-th best) and the
     heap's own k-th best can enter, so candidates are found with one vectorised comparison,
@@ -101,7 +147,7 @@ def add_columns(heap: Any, s: np.ndarray, a0: int, b0: int, bound: np.ndarray) -
         return
     values = np.ascontiguousarray(s.ravel()[flat])
     rows, cols = np.divmod(flat, bj)
-    subset, ids = cols + b0, rows + a0
+    subset, ids = cols + b0, rows + (a0 + id_offset)
     # one value per entry, rows repeated: safe because tile workers run FAISS serially (run_tiles)
     heap.heaps.addn_query_subset_with_ids(
         values.size, swig_ptr(subset), 1, swig_ptr(values), swig_ptr(ids), 1
