@@ -26,6 +26,30 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return sims, ids
 
 
+EXACT_BLOCK = 65536
+"""Rows of a non-float32 gallery converted at a time by :func:`exact_knn_blocks`."""
+
+
+def exact_knn_blocks(
+    xq: np.ndarray, xb: np.ndarray, k: int, block: int = EXACT_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`exact_knn` over ``xb`` of any float dtype (a float16 memmap, say), block by block.
+
+    A float32 ``xb`` is searched in one call (FAISS reads it in place); any other is converted
+    ``block`` rows at a time and the results merged, so the whole gallery is never copied.
+    """
+    if xb.dtype == np.float32:
+        return exact_knn(xq, xb, k)
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+    for lo in range(0, xb.shape[0], block):
+        part = np.ascontiguousarray(xb[lo : lo + block], dtype=np.float32)
+        sims, ids = exact_knn(xq, part, min(k, len(part)))
+        heap.add_result(sims, np.where(ids >= 0, ids + lo, -1))
+    heap.finalize()
+    return heap.D, heap.I
+
+
 def search_parameters(index: Any, nprobe: int | None, ef_search: int | None) -> Any:
     """Per-call FAISS search parameters for ``index`` (never mutates the shared index)."""
     if faiss.try_extract_index_ivf(index) is not None:

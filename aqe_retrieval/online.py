@@ -3,7 +3,9 @@
 The contract (``docs/AQE.md``, serving mode): round t expands the query against level t - 1 of
 the gallery: the query itself (weight 1) plus its top ``qe_k - 1`` rows of that level,
 ``q <- (q + sum_j s_j ** alpha * G_j) / qe_k`` with ``G_j`` raw rows (``norm_j * row_j``) and
-``s_j`` exact cosines. For one query this equals the reference's row for it.
+``s_j`` exact cosines. For one query this equals the reference's row for it. Levels may be
+stored as float16: a query's ``qe_k - 1`` neighbour rows are read from the mapped level and
+converted to float32.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from aqe_retrieval import aqe
-from aqe_retrieval.faiss_search import exact_knn, search_parameters
+from aqe_retrieval.faiss_search import exact_knn_blocks, search_parameters
 
 NeighbourSearch = Callable[[np.ndarray, int], np.ndarray]
 """``(u (q, d) normalised queries, k) -> ids (q, k)``: a level's top-k gallery rows."""
@@ -37,15 +39,19 @@ def gallery_level(
     nprobe: int | None = None,
     ef_search: int | None = None,
 ) -> GalleryLevel:
-    """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters."""
+    """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters.
+
+    ``rows`` (n, d) float32 or float16 (a memmap: a query reads only its neighbours' rows, and
+    an exact scan converts a block at a time).
+    """
     if index is None:
-        return GalleryLevel(rows, norms, lambda u, k: exact_knn(u, rows, k)[1])
+        return GalleryLevel(rows, norms, lambda u, k: exact_knn_blocks(u, rows, k)[1])
     params = search_parameters(index, nprobe, ef_search)
 
     def search(u: np.ndarray, k: int) -> np.ndarray:
         ids = index.search(u, k, params=params)[1]
         if (ids < 0).any():  # an approximate index came back short: answer exactly
-            ids = exact_knn(u, rows, k)[1]
+            ids = exact_knn_blocks(u, rows, k)[1]
         return ids
 
     return GalleryLevel(rows, norms, search)

@@ -13,17 +13,19 @@ in blocks; IVF inverted lists are on-disk (``.ivfdata``); what stays in anonymou
 
     BASE                              interpreter, numpy, FAISS, BLAS (BASE_BYTES)
   + the largest of the phases:
-      W * 5 * T**2 + W * S * (k * 12 + 4 * nprobe)   kNN: tiles (side T), heaps of a stripe of S rows
-      C * (k * d * 12 + 8 d)                         expansion: one chunk's gathered neighbours
+      W * 5 * T**2 + S * (W * k * 12 + 4 * nprobe)   kNN: tiles (side T), heaps of a stripe of S rows
+      C * (k * d * 12 + 8 d) + E * (8 d + 24 k)      expansion: a chunk of pairs, a stripe of E rows
       B * d * 12                                     read / normalise: one block
       R * (code + 8 + 4 d)                           an IVF shard before its merge into on-disk lists
       train * (4 d + 16) + nlist * d * 8             IVF training: sample and centroids
       N * 8                                          the serving IVF's direct map (grows with N)
 
-with ``W`` workers and ``T, S, C, B, R`` the largest that keep tiles within a quarter of
-``budget - BASE``, heaps, chunk and shard within half, the block within a quarter. Mapped file
-pages count against a cgroup's limit too, but the kernel reclaims them; anonymous memory it
-cannot. A phase that cannot fit raises :class:`BudgetError` before
+with ``W`` workers and ``T, S, C, E, B, R`` the largest that keep each phase within half of
+``budget - BASE`` (tiles, chunk and block within an eighth, heaps, shard and stripe within a
+quarter). The other half is left to the page cache: mapped file pages count against a cgroup's
+limit too, and a phase thrashes unless the rows it is working through (a stripe: ``S d 4``
+bytes, at most a quarter of that half) stay cached. The kernel reclaims mapped pages; anonymous
+memory it cannot. A phase that cannot fit raises :class:`BudgetError` before
 any heavy work, naming the budget it would need.
 """
 
@@ -219,6 +221,8 @@ class Plan:
     stripe: int
     chunk: int
     shard_rows: int
+    expand_stripe: int = 0
+    """Output rows of one streamed expansion pass (``expansion.expand_streamed``), out of core."""
 
     def describe(self) -> str:
         """One log line: budget, mode and sizes."""
@@ -254,6 +258,8 @@ def plan_build(budget: Budget, w: Workload) -> Plan:
             f"memory budget {format_size(budget.bytes)} ({budget.source}) leaves no room to work: "
             f"the builder needs at least {format_size(BASE_BYTES + MIN_WORK_BYTES)}"
         )
+    cache = work // 2  # the page cache's share: the mapped rows a phase is working through
+    work -= cache
     for what, why, size in (
         ("kNN index", w.knn_in_memory_only, w.knn_index_bytes),
         ("serving index", w.serving_in_memory_only, w.serving_index_bytes),
@@ -262,8 +268,8 @@ def plan_build(budget: Budget, w: Workload) -> Plan:
             raise BudgetError(
                 f"the {what} must be held in memory ({why}): it needs {format_size(size)}, more than "
                 f"half of what the budget {format_size(budget.bytes)} ({budget.source}) leaves after "
-                f"{format_size(BASE_BYTES)} of base; needs a budget of at least "
-                f"{format_size(BASE_BYTES + 2 * size)}, or use an IVF index (its lists go on disk)"
+                f"{format_size(BASE_BYTES)} of base and the page cache's half; needs a budget of at "
+                f"least {format_size(BASE_BYTES + 4 * size)}, or use an IVF index (its lists go on disk)"
             )
     train = w.train_rows * (4 * w.d + 16) + w.nlist * w.d * 8
     direct_map = w.n * 8 if w.nlist else 0
@@ -275,7 +281,7 @@ def plan_build(budget: Budget, w: Workload) -> Plan:
             raise BudgetError(
                 f"{what} need {format_size(size)}, more than the budget {format_size(budget.bytes)} "
                 f"({budget.source}) allows; needs a budget of at least "
-                f"{format_size(BASE_BYTES + part * size)}"
+                f"{format_size(BASE_BYTES + 2 * part * size)}"
                 + (" (or a smaller --train-size)" if part == 1 else "")
             )
     tile = next((t for t in TILES if t <= w.block_size and w.workers * 5 * t * t <= work // 4), 0)
@@ -287,18 +293,20 @@ def plan_build(budget: Budget, w: Workload) -> Plan:
             f"{format_size(budget.bytes)} allows; fewer --threads or a larger budget"
         )
     stripe = max(1, min(w.n, (work // 2) // (w.workers * w.k * 12 + 4 * w.nprobe + 4)))
+    stripe = min(stripe, max(1, cache // 2 // (4 * w.d)))  # a stripe's rows stay in the page cache
     if stripe < w.n:
         stripe = max(tile, stripe // tile * tile)
-    chunk = max(1, min(EXPAND_CHUNK, (work // 2) // (w.k * w.d * 12 + w.d * 8)))
+    chunk = max(1, min(EXPAND_CHUNK, (work // 4) // (w.k * w.d * 12 + w.d * 8)))
+    expand_stripe = max(1, min(w.n, (work // 4) // (8 * w.d + 24 * w.k)))
     block = max(1, min(w.block_size, (work // 4) // (w.d * 12)))
     shard = max(1, min(w.n, (work // 2) // (w.code_size + 8 + 4 * w.d))) if w.code_size else w.n
-    knn_phase = w.workers * 5 * tile * tile + w.workers * stripe * (w.k * 12 + 4 * w.nprobe)
+    knn_phase = w.workers * 5 * tile * tile + stripe * (w.workers * w.k * 12 + 4 * w.nprobe)
     anonymous = BASE_BYTES + max(
         knn_phase,
         train,
-        chunk * (w.k * w.d * 12 + w.d * 8),
+        chunk * (w.k * w.d * 12 + w.d * 8) + expand_stripe * (8 * w.d + 24 * w.k),
         block * w.d * 12,
         shard * (w.code_size + 8 + 4 * w.d) if w.code_size else 0,
         direct_map,
     )
-    return Plan(budget, False, need, anonymous, block, tile, stripe, chunk, shard)
+    return Plan(budget, False, need, anonymous, block, tile, stripe, chunk, shard, expand_stripe)

@@ -56,6 +56,13 @@ def build(config: BuildConfig) -> artifact.Manifest:
     logger.info("%s", plan.describe())
     if not plan.resident:
         budget.bound_malloc()
+        gate_bytes = 2 * source.n * source.d * 4
+        if config.quality is not None and gate_bytes > plan.budget.bytes - budget.BASE_BYTES:
+            raise budget.BudgetError(
+                f"the quality gate ranks the whole gallery in memory ({budget.format_size(gate_bytes)}), "
+                f"more than the budget {budget.format_size(plan.budget.bytes)} allows; needs at least "
+                f"{budget.format_size(budget.BASE_BYTES + gate_bytes)}, or build without the gate"
+            )
 
     with artifact.staging(config.root) as stage:
         t1 = time.perf_counter()

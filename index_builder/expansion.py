@@ -32,6 +32,7 @@ from index_builder.budget import Plan
 from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
 from index_builder.knn import KnnMemory, KnnResult, KnnSpec, self_knn
 from index_builder.ondisk import OnDiskLists
+from index_builder.pool import Progress
 from index_builder.progress import progress
 from index_builder.storage import ArrayStore
 
@@ -203,12 +204,17 @@ class Expansion:
             else:
                 x = store.empty("expanded" if last else f"level_{t}", (n, d), np.float32)
             with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
-                chunk = EXPAND_CHUNK if self.plan is None else self.plan.chunk
-                step = min(block_size, chunk)
-                for lo in range(0, n, step):
-                    hi = min(n, lo + step)
-                    x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
-                    update(hi - lo)
+                if self.plan is not None and not self.plan.resident:
+                    plan = self.plan
+                    expand_streamed(
+                        u, norms, result.ids, params.alpha, x, plan.expand_stripe, plan.chunk, update
+                    )
+                else:
+                    step = min(block_size, EXPAND_CHUNK)
+                    for lo in range(0, n, step):
+                        hi = min(n, lo + step)
+                        x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
+                        update(hi - lo)
             self.report.rounds.append(
                 RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall, result.recall_sample)
             )
@@ -281,6 +287,52 @@ def expand_block(
     sims = np.einsum("bkd,bd->bk", nb_u, u_block)
     nb_raw = nb_u * norms[ids][:, :, None]
     return aqe.expand_rows(nb_raw, sims, alpha)
+
+
+def expand_streamed(
+    u: np.ndarray,
+    norms: np.ndarray,
+    ids: np.ndarray,
+    alpha: float,
+    out: np.ndarray,
+    stripe: int,
+    chunk: int,
+    progress: Progress | None = None,
+) -> None:
+    """:func:`expand_block` of every row into ``out`` (n, d), reading ``u`` in ascending order.
+
+    Gathering each row's neighbours from a memory-mapped ``u`` larger than the page cache is a
+    random read per neighbour (measured: 170 rows/s under a 60 MiB cgroup). Instead, for each
+    stripe of ``stripe`` output rows, its ``(row, neighbour)`` pairs are sorted by neighbour and
+    taken ``chunk * k`` at a time, so ``u`` is read front to back once per stripe, and each
+    pair's weighted raw row is summed into its row. The same sum as :func:`expand_block` in
+    another order (float rounding apart). Memory: ``stripe * (8 d + 24 k)`` bytes for the
+    stripe plus ``chunk * k * d * 12`` for one chunk of pairs.
+    """
+    n, d = u.shape
+    k = ids.shape[1]
+    for o0 in range(0, n, stripe):
+        o1 = min(n, o0 + stripe)
+        m = o1 - o0
+        own = np.array(u[o0:o1])
+        nbrs = np.asarray(ids[o0:o1], dtype=np.int64).ravel()
+        order = np.argsort(nbrs, kind="stable")
+        nbrs, owners = nbrs[order], order // k
+        del order
+        acc = np.zeros((m, d), dtype=np.float32)
+        for p0 in range(0, len(nbrs), chunk * k):
+            j, i = nbrs[p0 : p0 + chunk * k], owners[p0 : p0 + chunk * k]
+            rows = np.asarray(u[j], dtype=np.float32)  # ascending j: the mapped file is read in order
+            w = aqe.aqe_weights(np.einsum("pd,pd->p", rows, own[i]), alpha) * np.asarray(norms[j])
+            rows *= w[:, None]
+            by_owner = np.argsort(i, kind="stable")
+            i = i[by_owner]
+            starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
+            acc[i[starts]] += np.add.reduceat(rows[by_owner], starts, axis=0)
+        acc /= np.float32(k)
+        out[o0:o1] = acc
+        if progress:
+            progress(m)
 
 
 def aqe_expand(

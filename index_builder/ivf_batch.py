@@ -11,6 +11,7 @@ members and the stripe's rows that probe it are read when its task runs.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import faiss
@@ -18,6 +19,7 @@ import numpy as np
 from faiss import swig_ptr
 
 from aqe_retrieval.errors import KnnConfigError
+from aqe_retrieval.faiss_search import search_parameters
 from index_builder.ondisk import OnDiskLists, fill_ondisk
 from index_builder.pool import (
     Progress,
@@ -160,7 +162,9 @@ def _search_rows(
     def scan(task: tuple[int, int, int], slot: int) -> None:
         lst, q0, q1 = task
         ids, rows = inverted_list_ids(ivf.invlists, lst), queries[q0:q1].astype(np.int64)
-        s = u[rows + s0] @ u[ids].T
+        # the members from the list's own codes (IVF,Flat: the rows themselves, in id order), read
+        # in one sweep of the list, not gathered from u one row at a time
+        s = u[rows + s0] @ inverted_list_rows(ivf.invlists, lst, u.shape[1]).T
         heaps[slot].heaps.addn_query_subset_with_ids(
             len(rows), swig_ptr(rows), len(ids), swig_ptr(s), swig_ptr(ids), 0
         )
@@ -168,6 +172,50 @@ def _search_rows(
     with single_threaded_blas(workers):
         run_tiles(tasks, scan, workers, lambda t: ticker(t[2] - t[1]))
     return merge_heaps(heaps)
+
+
+def search_by_lists(index: Any, xq: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(xq, k)`` at ``nprobe`` for an inner-product IVF index, one list at a time.
+
+    Each probed list is read once for all the queries that probe it (``search_preassigned``),
+    instead of once per query: with on-disk lists larger than the page cache, the per-query
+    scan re-reads every list from disk (measured: 200 s for 1,000 recall queries at nprobe 8
+    over 104,000 x 256 under a 96 MiB cgroup). Same candidates, so the same results (ties
+    apart). Indexes wrapped in a transform are searched the ordinary way.
+    """
+    ivf: Any = faiss.downcast_index(index)  # untyped: the stubs mistype the numpy wrappers
+    if not isinstance(ivf, faiss.IndexIVF):
+        return index.search(xq, k, params=search_parameters(index, nprobe, None))
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    probes = min(nprobe or ivf.nprobe, ivf.nlist)
+    centroid_sims, assign = ivf.quantizer.search(xq, probes)
+    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+    rows, slots = np.nonzero(assign >= 0)
+    lists = assign[rows, slots]
+    order = np.argsort(lists, kind="stable")
+    rows, slots, lists = rows[order], slots[order], lists[order]
+    bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+    for lo, hi in itertools.pairwise(bounds):
+        qs = rows[lo:hi]
+        sims, ids = ivf.search_preassigned(
+            xq[qs], k, assign[qs, slots[lo:hi]][:, None], centroid_sims[qs, slots[lo:hi]][:, None]
+        )
+        heap.add_result_subset(qs, sims, ids)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def inverted_list_rows(invlists: Any, lst: int, d: int) -> np.ndarray:
+    """The float32 rows stored in inverted list ``lst`` of an IVF,Flat index: (size, d), a view.
+
+    The view is into the lists' own memory (on-disk lists: the mapped file); valid while the
+    index is alive (``release_codes`` is a no-op for array and on-disk lists).
+    """
+    size = invlists.list_size(lst)
+    if size == 0:
+        return np.empty((0, d), dtype=np.float32)
+    codes = faiss.rev_swig_ptr(invlists.get_codes(lst), size * d * 4)
+    return codes.view(np.float32).reshape(size, d)
 
 
 def inverted_list_ids(invlists: Any, lst: int) -> np.ndarray:

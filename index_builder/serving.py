@@ -17,6 +17,7 @@ import numpy as np
 from aqe_retrieval import artifact
 from aqe_retrieval.faiss_search import exact_knn, search_parameters
 from index_builder.config import AUTO, AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, BuildConfig, ServingSpec
+from index_builder.ivf_batch import search_by_lists
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
 from index_builder.ondisk import OnDiskLists
 from index_builder.progress import progress
@@ -67,6 +68,8 @@ def build_serving_index(
         truth = exact_knn(xq, u, k)[1]
 
         def recall(nprobe: int | None) -> float:
+            if lists is not None:  # on-disk lists: each list read once for all the sample queries
+                return set_recall(search_by_lists(index, xq, k, nprobe)[1], truth)
             params = search_parameters(index, nprobe, spec.ef_search)
             return set_recall(index.search(xq, k, params=params)[1], truth)
 
