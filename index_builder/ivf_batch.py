@@ -183,9 +183,9 @@ def search_by_lists(index: Any, xq: np.ndarray, k: int, nprobe: int | None) -> t
     over 104,000 x 256 under a 96 MiB cgroup). Same candidates, so the same results (ties
     apart). Indexes wrapped in a transform are searched the ordinary way.
     """
-    ivf: Any = faiss.downcast_index(index)  # untyped: the stubs mistype the numpy wrappers
-    if not isinstance(ivf, faiss.IndexIVF):
+    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
         return index.search(xq, k, params=search_parameters(index, nprobe, None))
+    ivf: Any = faiss.downcast_index(index)  # untyped: the stubs mistype the numpy wrappers
     xq = np.ascontiguousarray(xq, dtype=np.float32)
     probes = min(nprobe or ivf.nprobe, ivf.nlist)
     centroid_sims, assign = ivf.quantizer.search(xq, probes)
