@@ -52,7 +52,7 @@ class MemoryCgroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for _ in range(100):  # a killed process leaves the cgroup a moment after it is reaped
+        for _ in range(400):  # a killed process leaves the cgroup a moment after it is reaped
             try:
                 self.path.rmdir()
                 return
