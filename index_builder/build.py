@@ -6,6 +6,7 @@ succeeded: a failure anywhere leaves ``current`` and the previous versions as th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -16,7 +17,7 @@ from aqe_retrieval import aqe, artifact
 from index_builder.config import AUTO, BuildConfig
 from index_builder.expansion import Expansion, Level
 from index_builder.gate import quality_gate, quality_inputs
-from index_builder.inputs import EmbeddingSource, fingerprint, open_embeddings, read_ids, read_metadata
+from index_builder.inputs import EmbeddingSource, fingerprint, gallery_ids, gallery_metadata, open_embeddings
 from index_builder.knn import KnnSpec
 from index_builder.serving import build_serving_index, expansion_index
 
@@ -29,9 +30,9 @@ def build(config: BuildConfig) -> artifact.Manifest:
         faiss.omp_set_num_threads(config.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = open_embeddings(config.gallery)
-    ids = read_ids(config.ids, source.n) if config.ids else None
-    metadata = read_metadata(config.metadata, source.n) if config.metadata else {}
+    source = open_embeddings(config.gallery, config.columns)
+    ids = gallery_ids(source, config.ids)
+    metadata = gallery_metadata(source, config.metadata)
     checks = quality_inputs(config.quality, source, metadata) if config.quality else None
     input_info = input_record(config, source)
     timings["inputs"] = time.perf_counter() - t0
@@ -132,13 +133,14 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
 
 def input_record(config: BuildConfig, source: EmbeddingSource) -> dict[str, Any]:
     """The manifest's ``input`` record: the files read, their dtype, shards and fingerprint."""
-    files = [*source.paths, *(p for p in (config.ids, config.metadata) if p)]
+    files = [*source.files, *(p for p in (config.ids, config.metadata) if p)]
     return {
         "gallery": str(config.gallery),
         "ids": str(config.ids) if config.ids else None,
         "metadata": str(config.metadata) if config.metadata else None,
         "dtype": str(source.dtype),
         "shards": len(source.paths),
+        "columns": dataclasses.asdict(source.columns) if source.columns else None,
         "fingerprint": fingerprint(files),
     }
 

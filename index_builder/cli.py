@@ -24,7 +24,7 @@ from index_builder import nightly
 from index_builder.build import build
 from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
-from index_builder.inputs import open_embeddings, read_metadata
+from index_builder.inputs import ParquetColumns, open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
 
 logger = logging.getLogger("index_builder")
@@ -92,9 +92,12 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gallery", type=Path, required=True, help=".npy file or shard directory")
+    p.add_argument(
+        "--gallery", type=Path, required=True, help=".npy or Parquet file, or a directory of either's shards"
+    )
     p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
+    _add_parquet_options(p)
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
     p.add_argument(
         "--serving-index",
@@ -127,6 +130,19 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
     _add_quality_options(p)
+
+
+def _add_parquet_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Parquet input", "which columns of a Parquet gallery hold what")
+    g.add_argument(
+        "--embedding-column", help="list of float32/float16 (default: the only list column, else 'embedding')"
+    )
+    g.add_argument("--id-column", help="string or integer ids (default: 'id' if present; '' for none)")
+    g.add_argument(
+        "--metadata-columns",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        help="comma-separated (default: every other int, float or string column; '' for none)",
+    )
 
 
 def _add_quality_options(p: argparse.ArgumentParser) -> None:
@@ -179,7 +195,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("expand", help="write AQE-expanded features (drop-in for fast-reid's aqe)")
-    p.add_argument("input", type=Path, help="gallery .npy file or directory of .npy shards")
+    p.add_argument("input", type=Path, help="gallery: .npy or Parquet file, or shard directory")
     p.add_argument("output", type=Path, help="expanded gallery, float32 .npy")
     p.add_argument("--queries", type=Path, help="queries .npy: transductive mode")
     p.add_argument("--queries-out", type=Path, help="expanded queries, float32 .npy")
@@ -314,6 +330,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         root=args.root,
         ids=args.ids,
         metadata=args.metadata,
+        columns=ParquetColumns(args.embedding_column, args.id_column, args.metadata_columns),
         params=_params(args),
         knn=_knn_spec(args),
         serving=ServingSpec(

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
+from index_builder.inputs import ParquetColumns
 from index_builder.knn import KnnSpec
 
 AUTO = "auto"
@@ -85,6 +86,7 @@ class BuildConfig:
     root: Path
     ids: Path | None = None
     metadata: Path | None = None
+    columns: ParquetColumns = field(default_factory=ParquetColumns)
     params: AqeParams = field(default_factory=AqeParams)
     knn: KnnSpec = field(default_factory=KnnSpec)
     serving: ServingSpec = field(default_factory=ServingSpec)
@@ -106,5 +108,3 @@ class BuildConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.quality is not None and self.metadata is None:
-            raise ValueError("the quality check needs --metadata with the pid and camid columns")
