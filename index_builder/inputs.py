@@ -126,6 +126,7 @@ class EmbeddingSource:
             for block in shard.blocks(block_size):
                 yield lo, block
                 lo += len(block)
+                del block  # else it outlives the consumer's copy while the next block is read
             start += shard.rows
 
     def take(self, rows: np.ndarray) -> np.ndarray:

@@ -169,7 +169,8 @@ def _rows(mask: Any, start: int) -> str:
 
 def _open(path: Path) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        # pre_buffer would cache coalesced column chunks beyond the row group being read
+        return pq.ParquetFile(path, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
 
