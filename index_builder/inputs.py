@@ -212,7 +212,7 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
         paths, parquet = [path], _is_parquet(path)
     shards: Sequence[Shard]
     if parquet:
-        from index_builder.parquet_shards import open_parquet  # pyarrow only for Parquet input
+        from index_builder.parquet_schema import open_parquet  # pyarrow only for Parquet input
 
         shards, columns = open_parquet(paths, columns)
     elif columns.chosen:
