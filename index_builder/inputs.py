@@ -206,7 +206,7 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
         if npys and parquets:
             raise InputError(f"{path}: directory mixes .npy and Parquet shards")
         if not npys and not parquets:
-            raise InputError(f"{path}: directory holds no .npy or .parquet shards")
+            raise InputError(f"{path}: directory holds no .npy shards or .parquet files")
         paths, parquet = parquets or npys, bool(parquets)
     else:
         paths, parquet = [path], _is_parquet(path)
