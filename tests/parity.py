@@ -1,4 +1,4 @@
-"""Parity with the dense reference, with the one allowance AQE.md grants: exact ties."""
+"""Parity with the dense reference, with the one allowance ``docs/AQE.md`` grants: exact ties."""
 
 from __future__ import annotations
 
