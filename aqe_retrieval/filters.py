@@ -99,13 +99,11 @@ def _short(value: Any) -> str:
 
 def _exact(col: np.ndarray, value: int | float | str) -> Any:
     """``value`` as a scalar of the column's dtype equal to it, or None if no row can equal it."""
-    kind = col.dtype.kind
-    if kind == "U":
-        assert isinstance(value, str)
+    if isinstance(value, str):  # on a str column (types were checked)
         if len(value) > col.dtype.itemsize // 4 or value.endswith("\0"):
             return None
         return col.dtype.type(value)
-    if kind in "iu":
+    if col.dtype.kind in "iu":
         if isinstance(value, float):
             if not value.is_integer():  # NaN and inf are not integers either
                 return None
