@@ -10,6 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
+from aqe_retrieval.logs import quiet_faiss_loader
 from service.settings import Settings
 
 
@@ -46,6 +47,7 @@ def main() -> int:
         print("search-service: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_faiss_loader()
     config = _Config(
         "service.main:app_factory",
         factory=True,
