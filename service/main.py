@@ -17,8 +17,9 @@ from service.settings import Settings
 def app_factory():
     """For ``uvicorn --factory service.main:app_factory`` (and worker processes)."""
     from service.app import create_app
+    from service.index_manager import IndexManager
 
-    return create_app(Settings())  # type: ignore[call-arg]
+    return create_app(s := Settings(), IndexManager.from_settings(s))  # type: ignore[call-arg]
 
 
 class _Config(uvicorn.Config):
