@@ -28,7 +28,7 @@ in the page cache): copy + SHA-256 + fsync 1.9 to 3.2 s/GB, of which SHA-256 is 
 in-place load reads and hashes the files anyway) and the copy alone 1.1 s/GB; a source on NFS
 adds its read time. Resident memory stays page cache (one
 4 MiB buffer of anonymous memory), so LOCAL must be a disk, not a tmpfs, whose pages would be
-shared memory instead.
+shared memory instead (the service checks with :func:`memory_backed` and then serves in place).
 """
 
 from __future__ import annotations
@@ -96,6 +96,29 @@ def ensure_copy(root: Path, version: str, local: Path, *, check: bool = True, lo
         " (checksums verified)" if check else "",
     )
     return True
+
+
+def memory_backed(local: Path, mounts: Path = Path("/proc/self/mounts")) -> bool:
+    """Whether ``local`` lies on a tmpfs or ramfs, where a copy would be held in memory.
+
+    The mount with the longest mount point above ``local`` decides; False where ``mounts``
+    cannot be read (not Linux).
+    """
+    try:
+        table = mounts.read_text().splitlines()
+    except OSError:
+        return False
+    path = local.absolute()
+    best, fstype = -1, ""
+    for line in table:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = Path(fields[1].replace("\\040", " "))
+        # >=: of two mounts on one point, the later one is on top
+        if (path == point or point in path.parents) and len(point.parts) >= best:
+            best, fstype = len(point.parts), fields[2]
+    return fstype in ("tmpfs", "ramfs")
 
 
 def remove_others(local: Path, keep: Iterable[str]) -> list[str]:

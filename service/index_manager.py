@@ -8,7 +8,8 @@ request finishes. A version that fails to load is refused and remembered (not re
 With ``local_copy_dir`` (``AQE_LOCAL_COPY_DIR``, on by default in the service) and memory
 mapping on, a version is served from a private node-local copy (:mod:`aqe_retrieval.local_copy`):
 files of the shared index root truncated, replaced or deleted underneath cannot kill the
-process with SIGBUS. The copy of the version served before a swap is removed after it.
+process with SIGBUS. The copy of the version served before a swap is removed after it. On a
+tmpfs, where a copy would be held in memory, the files are served in place (with a warning).
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class IndexManager:
         max_filter_values: int = DEFAULT_MAX_VALUES,
     ) -> None:
         self.root = root
+        if mmap and local_copy_dir is not None and local_copy.memory_backed(local_copy_dir):
+            logger.warning(
+                "AQE_LOCAL_COPY_DIR=%s is on a tmpfs, where a copy would be held in memory: serving "
+                "the index root's files in place (a truncated file there can crash the service); "
+                "point it at a disk",
+                local_copy_dir,
+            )
+            local_copy_dir = None
         self.local_copy_dir = local_copy_dir if mmap else None  # unmapped arrays cannot SIGBUS
         self.max_filter_values = max_filter_values
         self.max_index_bytes = max_index_bytes

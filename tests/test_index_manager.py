@@ -186,3 +186,10 @@ def test_a_blank_local_copy_dir_is_the_default(monkeypatch, tmp_path, value):
     monkeypatch.setenv("AQE_LOCAL_COPY_DIR", value)
     assert Settings(index_root=tmp_path).local_copy_dir == default_local_copy_dir()
     assert default_local_copy_dir().name == f"aqe-local-copy-{os.geteuid()}"
+
+
+def test_a_local_copy_dir_on_tmpfs_serves_in_place_with_a_warning(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr("aqe_retrieval.local_copy.memory_backed", lambda path: True)
+    manager = IndexManager(tmp_path, local_copy_dir=tmp_path / "local")
+    assert manager.local_copy_dir is None
+    assert "is on a tmpfs" in caplog.text

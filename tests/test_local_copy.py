@@ -114,3 +114,22 @@ def test_not_enough_disk_is_refused_before_copying(built_root, version, tmp_path
     with pytest.raises(ArtifactError, match="bytes to copy, 10 free"):
         local_copy.load(built_root, version, tmp_path / "local")
     assert artifact.version_ids(tmp_path / "local") == []
+
+
+def test_a_tmpfs_is_recognised_as_memory(tmp_path):
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "tmpfs /tmp tmpfs rw 0 0\n"
+        "/dev/vdb /tmp/disk ext4 rw 0 0\n"
+        "tmpfs /run/with\\040space tmpfs rw 0 0\n"
+    )
+    assert local_copy.memory_backed(Path("/tmp/aqe-local-copy-0"), mounts)
+    assert local_copy.memory_backed(Path("/tmp"), mounts)
+    assert not local_copy.memory_backed(Path("/tmp/disk/aqe"), mounts)
+    assert not local_copy.memory_backed(Path("/tmpx/aqe"), mounts)
+    assert not local_copy.memory_backed(Path("/var/cache/aqe"), mounts)
+    assert local_copy.memory_backed(Path("/run/with space/aqe"), mounts)
+    assert not local_copy.memory_backed(Path("/x"), tmp_path / "missing")
+    if Path("/dev/shm").is_dir():  # a tmpfs on Linux
+        assert local_copy.memory_backed(Path("/dev/shm/aqe-local-copy"))
