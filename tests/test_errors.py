@@ -12,6 +12,7 @@ TABLE = [
     (errors.KnnConfigError, 2, 400, True),
     (errors.QueryError, 2, 400, True),
     (errors.FilterError, 2, 400, True),
+    (errors.UnknownIdError, 2, 404, False),
     (errors.ArtifactError, 1, 503, False),
     (errors.LockedError, 3, 409, False),
     (errors.QualityGateError, 4, 500, False),
