@@ -1,8 +1,8 @@
 """``index-builder``: expand features, build and publish indexes, manage versions.
 
 Exit status: 0 success, 2 bad input or arguments (nothing written or published), 1 any other
-failure (nothing published), 3 (nightly) another run holds the root's lock, 4 the quality gate
-refused the build (nothing published).
+failure (nothing published), 3 another build, nightly or rollback holds the root's lock (nothing
+changed), 4 the quality gate refused the build (nothing published).
 """
 
 from __future__ import annotations
@@ -353,7 +353,8 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
 def cmd_build(args: argparse.Namespace) -> int:
     """``build``: one build published under ``--root``."""
     config = build_config(args)
-    manifest = build(config)
+    with artifact.build_lock(config.root):  # refused before any work when another writer runs
+        manifest = build(config)
     summary = {
         "version": manifest.version,
         "n": manifest.n,

@@ -11,6 +11,7 @@ import uvicorn
 from pydantic import ValidationError
 from uvicorn.supervisors import Multiprocess
 
+from aqe_retrieval.logs import quiet_faiss_loader
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
 def app_factory() -> FastAPI:
     """For ``uvicorn --factory service.main:app_factory`` (and worker processes)."""
     from service.app import create_app
+    from service.index_manager import IndexManager
 
-    return create_app(Settings())  # type: ignore[call-arg]
+    return create_app(s := Settings(), IndexManager.from_settings(s))  # type: ignore[call-arg]
 
 
 class _Config(uvicorn.Config):
@@ -51,6 +53,7 @@ def main() -> int:
         print("search-service: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_faiss_loader()
     config = _Config(
         "service.main:app_factory",
         factory=True,

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_local_copy_dir() -> Path:
+    """``$TMPDIR/aqe-local-copy-<uid>``: one per user, so no other user's directory is trusted."""
+    return Path(tempfile.gettempdir()) / f"aqe-local-copy-{os.geteuid()}"
 
 
 class Settings(BaseSettings):
@@ -44,6 +51,26 @@ class Settings(BaseSettings):
         description="memory budget of one loaded version (sum of its files' sizes in "
         "the manifest); a bigger version is refused before it is loaded; unset: no limit",
     )
+
+    local_copy_dir: Path | None = Field(
+        default_factory=default_local_copy_dir,
+        description="node-local directory (a disk, not a tmpfs) where each served version is "
+        "copied and verified before it is memory-mapped, so files truncated or deleted in the "
+        "shared index root cannot crash the service (SIGBUS); costs one more copy of the "
+        "version on local disk; 'off' serves the index root's files in place",
+    )
+    max_filter_values: int = Field(
+        1024, ge=1, le=1_000_000, description="values in one filter condition ('in', 'not_in')"
+    )
+
+    @field_validator("local_copy_dir", mode="before")
+    @classmethod
+    def _off_serves_in_place(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        if isinstance(value, str) and not value.strip():  # blank: the default
+            return default_local_copy_dir()
+        return value
 
     @field_validator("admin_token", mode="before")
     @classmethod

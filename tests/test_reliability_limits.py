@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from aqe_retrieval import artifact
+from aqe_retrieval.filters import DEFAULT_MAX_VALUES
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
@@ -88,7 +89,11 @@ def test_an_oversized_batch_is_refused_before_it_is_parsed(client):
 def test_the_largest_legal_batch_fits_even_pretty_printed(client):
     """The derived limit leaves room for the verbose JSON a client may send (float64 reprs)."""
     body = json.dumps(
-        {"embeddings": rows(MAX_BATCH), "k": MAX_K, "filter": {"camera": {"not_in": list(range(5000))}}},
+        {
+            "embeddings": rows(MAX_BATCH),
+            "k": MAX_K,
+            "filter": {"camera": {"not_in": list(range(DEFAULT_MAX_VALUES))}},
+        },
         indent=8,
     ).encode()
     assert len(body) > MAX_BATCH * D * 30
