@@ -230,7 +230,7 @@ def ivf_family(u: np.ndarray, seed: int, block_size: int, methods: list[str]) ->
         ivf = faiss.extract_index_ivf(index)
         if index is not coarse:
             ivf.quantizer.add(centroids)
-            codec = faiss.downcast_index(ivf)
+            codec: Any = faiss.downcast_index(ivf)
             if isinstance(codec, faiss.IndexIVFPQ):
                 codec.do_polysemous_training = False  # minutes of training for Hamming filtering unused here
             index.train(train)  # the codec only: the quantizer is trained and full
