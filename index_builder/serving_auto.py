@@ -231,8 +231,8 @@ def ivf_family(u: np.ndarray, seed: int, block_size: int, methods: list[str]) ->
         if index is not coarse:
             ivf.quantizer.add(centroids)
             codec: Any = faiss.downcast_index(ivf)
-            if isinstance(codec, faiss.IndexIVFPQ):
-                codec.do_polysemous_training = False  # minutes of training for Hamming filtering unused here
+            if hasattr(codec, "do_polysemous_training"):  # IVF-PQ: slow, and plain search ignores it
+                codec.do_polysemous_training = False
             index.train(train)  # the codec only: the quantizer is trained and full
         for lo in range(0, n, block_size):
             xb, near = np.ascontiguousarray(u[lo : lo + block_size]), assign[lo : lo + block_size]
