@@ -9,16 +9,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import faiss
+import numpy as np
 
 from aqe_retrieval import aqe, artifact
 from index_builder.config import AUTO, BuildConfig
-from index_builder.expansion import Expansion, Level
-from index_builder.gate import quality_gate, quality_inputs
+from index_builder.expansion import Expansion, ExpansionReport, Level
+from index_builder.gate import QualityInputs, quality_gate, quality_inputs
+from index_builder.graph_auto import below_target
+from index_builder.heldout import QuerySample, expanded_queries
 from index_builder.inputs import EmbeddingSource, fingerprint, gallery_ids, gallery_metadata, open_embeddings
-from index_builder.knn import KnnSpec
+from index_builder.knn import KnnSpec, sample_rows, use_batch_lists
 from index_builder.serving import build_serving_index, expansion_index
 
 logger = logging.getLogger(__name__)
@@ -48,8 +52,10 @@ def build(config: BuildConfig) -> artifact.Manifest:
             show_progress=config.show_progress,
             label=str(config.gallery),
         )
+        graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] = []
         for level in expansion:
             save_level(stage, level, config)
+            graphs.append((level.knn.spec, level.knn.tried))
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
         timings["expand"] = time.perf_counter() - t1
@@ -59,14 +65,18 @@ def build(config: BuildConfig) -> artifact.Manifest:
         t2 = time.perf_counter()
         u = expansion.expanded
         aqe.normalize_rows_inplace(u, config.block_size)
-        index, serving_entry = build_serving_index(u, config.serving, config.block_size, config.show_progress)
+        queries = serving_queries(stage, u, report, config, checks)
+        index, serving_entry = build_serving_index(
+            u, config.serving, config.block_size, config.show_progress, queries=queries
+        )
         stage.save_serving_index(index, serving_entry)
         del index
         timings["serving_index"] = time.perf_counter() - t2
         quality = None
         if config.quality is not None and checks is not None:
             t4 = time.perf_counter()
-            quality = quality_gate(stage, u, report, config.params.alpha, config.quality.gate, checks)
+            gate = replace(config.quality.gate, graph_recall_target=config.knn.recall_target)
+            quality = quality_gate(stage, u, report, config.params.alpha, gate, checks)
             timings["quality"] = time.perf_counter() - t4
         del u, expansion  # the expanded rows are staged: release them before publishing
 
@@ -84,8 +94,10 @@ def build(config: BuildConfig) -> artifact.Manifest:
             effective_qe_k=report.effective_qe_k,
             alpha=config.params.alpha,
             qe_times=config.params.qe_times,
-            knn=knn_record(config.knn),
+            knn=knn_record(config.knn, source.d, graphs),
             graph_recall=report.graph_recall,
+            graph_recall_target=config.knn.recall_target if report.graph_recall is not None else None,
+            graph_below_target=below_target(report.graph_recall, config.knn.recall_target),
             graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
             input=input_info,
             timings_s={k: round(v, 3) for k, v in timings.items()},
@@ -103,6 +115,7 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
     index, if any, is kept.
     """
     graph = level.knn
+    ran = graph.spec or config.knn  # what ran, ``--knn auto`` resolved
     index, entry = None, None
     if graph.index is None and config.expansion_index == AUTO:
         index, entry = expansion_index(level.rows, config, level.number)
@@ -114,18 +127,22 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
             index=index,
             index_type=entry.spec,
             nprobe=entry.nprobe,
+            ef_search=entry.ef_search,
             recall_at_k=entry.recall_at_k,
             recall_k=entry.recall_k,
         )
+        saved = stage.levels[-1]  # the auto choice's record (Staging.save_level predates it)
+        saved.recall_target, saved.below_target = entry.recall_target, entry.below_target
+        saved.candidates = entry.candidates
     else:
         stage.save_level(
             level.number,
             level.rows,
             level.norms,
             index=graph.index,
-            index_type="exact" if graph.index is None else config.knn.method,
-            nprobe=config.knn.nprobe,
-            ef_search=config.knn.ef_search,
+            index_type="exact" if graph.index is None else ran.method,
+            nprobe=ran.nprobe,
+            ef_search=ran.ef_search,
             recall_at_k=graph.recall,
             recall_k=config.params.qe_k,
         )
@@ -145,13 +162,52 @@ def input_record(config: BuildConfig, source: EmbeddingSource) -> dict[str, Any]
     }
 
 
-def knn_record(spec: KnnSpec) -> dict[str, Any]:
-    """The manifest's ``knn`` record: how the neighbour graph was found."""
-    return {
-        "method": "exact" if spec.exact else spec.method,
-        "nprobe": spec.nprobe,
-        "ef_search": spec.ef_search,
+def knn_record(
+    spec: KnnSpec, d: int, graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] | None = None
+) -> dict[str, Any]:
+    """The manifest's ``knn`` record: how the neighbour graph was found (``auto`` resolved).
+
+    ``graphs``: per round, the spec that ran and what ``auto`` tried. With ``auto``,
+    ``method``/``nprobe`` are the first round's, and ``auto`` lists every round's.
+    """
+    ran = (graphs[0][0] if graphs else None) or spec
+    record: dict[str, Any] = {
+        "method": "exact" if ran.exact else ran.method,
+        "nprobe": ran.nprobe,
+        "ef_search": ran.ef_search,
         "train_size": spec.train_size,
         "recall_sample": spec.recall_sample,
         "seed": spec.seed,
+        "batch_lists": ran.method.lower() != AUTO and use_batch_lists(ran, d),
+        "recall_target": spec.recall_target,
     }
+    if spec.method.lower() == AUTO and graphs:
+        record["requested"] = AUTO
+        record["auto"] = [
+            {"method": r.method if r else None, "nprobe": r.nprobe if r else None, "tried": list(tried)}
+            for r, tried in graphs
+        ]
+    return record
+
+
+def serving_queries(
+    stage: artifact.Staging,
+    u: np.ndarray,
+    report: ExpansionReport,
+    config: BuildConfig,
+    checks: QualityInputs | None,
+) -> QuerySample | None:
+    """Queries the serving index is measured with, as they arrive: expanded online (None: exact).
+
+    ``--quality-queries`` when given, else held-out gallery rows (``index_builder.heldout``).
+    """
+    serving = config.serving
+    if serving.method.lower() == "exact":
+        return None
+    levels = stage.load_levels(u.shape[0], u.shape[1])
+    qe_k, alpha = report.effective_qe_k, config.params.alpha
+    if checks is not None and config.quality is not None and config.quality.queries is not None:
+        return expanded_queries(levels, qe_k, alpha, raw=checks.xq[: serving.recall_sample])
+    return expanded_queries(
+        levels, qe_k, alpha, rows=sample_rows(u.shape[0], serving.recall_sample, serving.seed)
+    )

@@ -22,10 +22,21 @@ from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
 from index_builder import nightly
 from index_builder.build import build
-from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
+from index_builder.config import (
+    AUTO,
+    AUTO_EXACT_MAX_N,
+    EXPANSION_INDEXES,
+    SERVING_KINDS,
+    SERVING_RECALL_TARGET,
+    BuildConfig,
+    GateSpec,
+    QualitySpec,
+    ServingSpec,
+)
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
+from index_builder.graph_auto import GRAPH_EXACT_MAX_N
 from index_builder.inputs import ParquetColumns, open_embeddings, read_metadata
-from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
+from index_builder.knn import EXACT_KERNELS, GRAPH_RECALL_TARGET, SYMMETRIC_MIN_N, KnnSpec
 
 logger = logging.getLogger("index_builder")
 
@@ -35,6 +46,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(SERVING_KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kinds {unknown}; choose among {','.join(SERVING_KINDS)}")
+    return kinds
 
 
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
@@ -50,8 +69,17 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kNN graph")
     g.add_argument(
         "--knn",
-        default="exact",
-        help="'exact' (default) or a FAISS factory string, e.g. 'IVF4096,Flat', 'HNSW32'",
+        default=AUTO,
+        help=f"'auto' (default: exact up to {GRAPH_EXACT_MAX_N} rows, else an IVF graph with nprobe "
+        "tuned to --graph-recall-target), 'exact', or a FAISS factory string, e.g. 'IVF4096,Flat'",
+    )
+    g.add_argument(
+        "--graph-recall-target",
+        type=float,
+        default=GRAPH_RECALL_TARGET,
+        help="graph recall (top-qe_k sets vs exact kNN on --recall-sample rows) --knn auto tunes "
+        "for; any graph below it is a warning, and a refusal with the quality gate on "
+        f"(default {GRAPH_RECALL_TARGET})",
     )
     g.add_argument("--nprobe", type=_positive_int, help="IVF lists probed per search")
     g.add_argument("--ef-search", type=_positive_int, help="HNSW efSearch")
@@ -76,9 +104,11 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--batch-lists",
-        action="store_true",
-        help="with --knn 'IVF<nlist>,Flat': search list by list, one GEMM per inverted "
-        "list (same neighbours as row-by-row search at the same --nprobe, faster)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with an 'IVF<nlist>,Flat' graph: search list by list, one GEMM per inverted list "
+        "(same neighbours as row-by-row search at the same --nprobe, faster; the default for "
+        "such graphs); --no-batch-lists searches row by row",
     )
     g = p.add_argument_group("resources")
     g.add_argument(
@@ -102,8 +132,16 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serving-index",
         default="exact",
-        help="'exact' (default), 'auto' (exact when small, else IVF within "
+        help="'exact' (default), 'auto' (exact up to "
+        f"{AUTO_EXACT_MAX_N} rows, else the fastest of --serving-candidates whose recall@10 "
+        "on held-out, online-expanded queries meets --serving-recall-target within "
         "--serving-memory-budget-gib) or a FAISS factory string for the served index",
+    )
+    p.add_argument(
+        "--serving-candidates",
+        type=_kinds,
+        default=SERVING_KINDS,
+        help=f"--serving-index auto: comma-separated kinds to try (default {','.join(SERVING_KINDS)})",
     )
     p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
     p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
@@ -116,8 +154,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serving-recall-target",
         type=float,
-        default=0.95,
-        help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)",
+        default=SERVING_RECALL_TARGET,
+        help="--serving-index auto: the recall@10 the chosen index must reach "
+        f"(default {SERVING_RECALL_TARGET})",
     )
     p.add_argument(
         "--expansion-index",
@@ -258,6 +297,7 @@ def _knn_spec(args: argparse.Namespace) -> KnnSpec:
         seed=args.seed,
         exact_kernel=args.exact_kernel,
         batch_lists=args.batch_lists,
+        recall_target=args.graph_recall_target,
     )
 
 
@@ -340,6 +380,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
             seed=args.seed,
             memory_budget_gib=args.serving_memory_budget_gib,
             recall_target=args.serving_recall_target,
+            candidates=args.serving_candidates,
         ),
         block_size=args.block_size,
         keep=args.keep,

@@ -11,10 +11,13 @@ from pathlib import Path
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
 from index_builder.inputs import ParquetColumns
 from index_builder.knn import KnnSpec
+from index_builder.serving_auto import KINDS as SERVING_KINDS
 
 AUTO = "auto"
-AUTO_EXACT_MAX_N = 200_000
-"""``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget."""
+AUTO_EXACT_MAX_N = 10_000
+"""``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget, without
+trying other indexes (a flat scan of 10,000 x 256 takes about 0.3 ms); above, it measures."""
+SERVING_RECALL_TARGET = 0.97
 AUTO_NPROBE_LADDER = (16, 32, 64, 128, 256, 512)
 """nprobe values ``auto`` tries, smallest first, until recall@k reaches the target."""
 EXPANSION_INDEXES = ("auto", "exact")
@@ -25,11 +28,11 @@ EXPANSION_INDEXES = ("auto", "exact")
 class ServingSpec:
     """The serving index over the expanded rows: ``exact``, ``auto`` or a FAISS factory string.
 
-    ``auto`` picks exact (flat) search for galleries up to ``exact_max_n`` rows, else
-    ``IVF<nlist>`` (nlist ~ 4 sqrt(N)) with the finest storage (Flat, SQ8, PQ) that fits
-    ``memory_budget_gib``, and the smallest nprobe whose measured recall@k reaches
-    ``recall_target`` (unless ``nprobe`` is given). See
-    :func:`index_builder.serving.choose_serving_method`.
+    ``auto`` picks exact (flat) search for galleries up to ``exact_max_n`` rows, else the
+    fastest of the ``candidates`` kinds whose recall@k on held-out, online-expanded queries
+    reaches ``recall_target`` within ``memory_budget_gib`` (:mod:`index_builder.serving_auto`);
+    with ``nprobe`` given, ``IVF<nlist>`` with the finest storage that fits
+    (:func:`index_builder.serving.choose_serving_method`).
     """
 
     method: str = "exact"
@@ -39,10 +42,14 @@ class ServingSpec:
     recall_sample: int = 1000
     seed: int = 0
     memory_budget_gib: float = 4.0
-    recall_target: float = 0.95
+    recall_target: float = SERVING_RECALL_TARGET
     exact_max_n: int = AUTO_EXACT_MAX_N
+    candidates: tuple[str, ...] = SERVING_KINDS
 
     def __post_init__(self) -> None:
+        unknown = set(self.candidates) - set(SERVING_KINDS)
+        if unknown or not self.candidates:
+            raise ValueError(f"candidates must be among {SERVING_KINDS}, got {self.candidates!r}")
         if not self.memory_budget_gib > 0:
             raise ValueError(f"memory_budget_gib must be > 0, got {self.memory_budget_gib}")
         if not 0 < self.recall_target <= 1:
@@ -57,6 +64,8 @@ class GateSpec:
 
     min_map_gain: float | None = None
     min_graph_recall: float | None = None
+    graph_recall_target: float | None = None
+    """Set by the build from ``--graph-recall-target``: a graph below it is refused too."""
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aqe_retrieval import aqe
+from index_builder.graph_auto import graph_knn
 from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
-from index_builder.knn import KnnResult, KnnSpec, self_knn
+from index_builder.knn import KnnResult, KnnSpec
 from index_builder.progress import progress
 
 logger = logging.getLogger(__name__)
@@ -166,7 +167,7 @@ class Expansion:
         x = u
         for t in range(1, params.qe_times + 1):
             with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
-                result = self_knn(u, k, self.knn, block_size, update)
+                result = graph_knn(u, k, self.knn, block_size, update)
             if result.recall is not None:
                 logger.info(
                     "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample
