@@ -68,13 +68,21 @@ async def app_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def is_admin(settings: Settings, authorization: str | None) -> bool:
+    """Whether ``authorization`` is ``Bearer <AQE_ADMIN_TOKEN>`` (constant-time; False when unset)."""
+    token = settings.admin_token
+    if token is None:
+        return False
+    expected = f"Bearer {token.get_secret_value()}".encode()
+    return hmac.compare_digest((authorization or "").encode(), expected)
+
+
 def require_admin(request: Request, authorization: Annotated[str | None, Header()] = None) -> None:
     """Bearer-token check of admin routes (constant-time); off when no token is configured."""
-    token = request.app.state.settings.admin_token
-    if token is None:
+    settings: Settings = request.app.state.settings
+    if settings.admin_token is None:
         raise HTTPException(404, "admin routes are off: AQE_ADMIN_TOKEN is not set")
-    expected = f"Bearer {token.get_secret_value()}".encode()
-    if not hmac.compare_digest((authorization or "").encode(), expected):
+    if not is_admin(settings, authorization):
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
@@ -114,9 +122,14 @@ def readyz(manager: Manager) -> JSONResponse:
     return JSONResponse({"status": "ready", "index_version": searcher.version})
 
 
-def info(manager: Manager, settings: AppSettings) -> dict[str, Any]:
-    """The served version's manifest summary, reload state and nightly job status."""
-    return info_summary(manager, settings)
+def info(
+    manager: Manager, settings: AppSettings, authorization: Annotated[str | None, Header()] = None
+) -> dict[str, Any]:
+    """The served version's manifest summary, reload state and nightly job status.
+
+    Host names, pids and error texts only with ``Authorization: Bearer $AQE_ADMIN_TOKEN``.
+    """
+    return info_summary(manager, settings, private=is_admin(settings, authorization))
 
 
 def prometheus(metrics: AppMetrics) -> PlainTextResponse:
