@@ -1,11 +1,21 @@
-"""``search-service``: read settings from the environment, then serve with uvicorn."""
+"""``search-service``: read settings from flags and the environment, then serve with uvicorn.
+
+Flags (``--index-root``, ``--host``, ``--port``, ``--workers``) win over their ``AQE_*``
+variables; every other setting is an ``AQE_*`` variable only. The values the flags gave are
+exported to this process's environment before uvicorn starts, so the app factory, which each
+worker process runs on its own (:func:`app_factory`), builds the same settings.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
+import os
 import socket
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from pydantic import ValidationError
@@ -42,13 +52,57 @@ class _Config(uvicorn.Config):
         return sock
 
 
-def main() -> int:
+# the settings a flag can give, with the flag's name
+FLAGS = {"index_root": "--index-root", "host": "--host", "port": "--port", "workers": "--workers"}
+
+
+def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The settings given as flags (argparse exits with status 2 on a malformed one)."""
+    parser = argparse.ArgumentParser(
+        prog="search-service",
+        description="Serve nearest-neighbour search with online query expansion over the index "
+        "versions `index-builder build` publishes.",
+        epilog="Each flag wins over its AQE_* environment variable; every other setting "
+        "(AQE_ADMIN_TOKEN, AQE_MAX_K, AQE_REQUEST_TIMEOUT_S, ...) is read from the environment "
+        "only: see the README's 'Search service' section.",
+    )
+    parser.add_argument(
+        "--index-root", type=Path, help="directory the builder publishes into (AQE_INDEX_ROOT)"
+    )
+    parser.add_argument("--host", help="interface to bind (AQE_HOST, default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (AQE_PORT, default 8000)")
+    parser.add_argument("--workers", type=int, help="worker processes (AQE_WORKERS, default 1)")
+    args = parser.parse_args(argv)
+    return {name: value for name, value in vars(args).items() if value is not None}
+
+
+def load_settings(flags: dict[str, Any]) -> Settings:
+    """Settings from ``flags`` over the environment, then the flags exported for worker processes.
+
+    Raises ``ValidationError`` for a bad value, from a flag or a variable.
+    """
+    settings = Settings(**flags)
+    for name, value in flags.items():
+        os.environ[f"AQE_{name.upper()}"] = str(value)
+    return settings
+
+
+def _config_error(exc: ValidationError) -> str:
+    lines = []
+    for e in exc.errors():
+        name = "_".join(str(p) for p in e["loc"])
+        where = f"AQE_{name.upper()}" + (f" / {FLAGS[name]}" if name in FLAGS else "")
+        lines.append(f"  {where}: {e['msg']}")
+    return "search-service: invalid configuration:\n" + "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``search-service`` console script."""
+    flags = parse_args(argv)
     try:
-        settings = Settings()  # type: ignore[call-arg]
+        settings = load_settings(flags)
     except ValidationError as exc:
-        lines = [f"  AQE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}" for e in exc.errors()]
-        print("search-service: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
+        print(_config_error(exc), file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _Config(

@@ -17,7 +17,9 @@ ADMIN = {"Authorization": "Bearer t0ken"}
 
 @pytest.fixture(scope="module")
 def client(built_root):
-    with TestClient(create_app(Settings(index_root=built_root, reload_interval_s=0, admin_token="t0ken"))) as c:
+    with TestClient(
+        create_app(Settings(index_root=built_root, reload_interval_s=0, admin_token="t0ken"))
+    ) as c:
         yield c
 
 
