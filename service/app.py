@@ -18,7 +18,7 @@ from threadpoolctl import threadpool_limits
 
 from aqe_retrieval.errors import FilterError, QueryError
 from service import render
-from service.batcher import Batcher
+from service.batcher import Batcher, Overloaded
 from service.index_manager import IndexManager
 from service.info import gauge_state
 from service.metrics import Metrics
@@ -37,7 +37,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     blas = threadpool_limits(settings.threads, user_api="blas")
     manager.reload()
     manager.start_watching(settings.reload_interval_s)
-    app.state.batcher = Batcher(settings.batch_workers, settings.max_batch, settings.threads)
+    app.state.batcher = Batcher(
+        settings.batch_workers,
+        settings.max_batch,
+        settings.threads,
+        settings.max_queue,
+        on_drop=app.state.metrics.count_drop,
+    )
     try:
         yield
     finally:
@@ -68,5 +74,6 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     for error in (QueryError, FilterError):
         app.add_exception_handler(error, render.domain_error)
     app.add_exception_handler(RequestValidationError, render.invalid_body)
+    app.add_exception_handler(Overloaded, render.overloaded)
     add_routes(app)
     return app

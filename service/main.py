@@ -37,12 +37,17 @@ def app_factory() -> FastAPI:
 class _Config(uvicorn.Config):
     """uvicorn's config with TCP_NODELAY on the shared listening socket of worker processes.
 
+    It also carries ``read_timeout_s`` to :class:`service.protocol.GuardedHttpToolsProtocol`
+    (instance attributes travel with the config to worker processes).
+
     With ``workers > 1`` uvicorn binds the socket itself with ``proto=0``, and asyncio only sets
     TCP_NODELAY on connections whose socket says ``IPPROTO_TCP``: responses (headers and body
     are two writes) then waited for the client's delayed ACK, 44 ms each (measured,
     benchmarks/bench_service.py --workers 2). Linux hands the listener's TCP_NODELAY to every
     accepted connection.
     """
+
+    read_timeout_s: float = 10.0
 
     def bind_socket(self) -> socket.socket:
         """uvicorn's listening socket, with TCP_NODELAY on TCP."""
@@ -113,7 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers=settings.workers,
         log_level=settings.log_level.lower(),
         access_log=False,
+        # read deadline for slow clients, cancel on disconnect (service.protocol)
+        http="service.protocol:GuardedHttpToolsProtocol",
     )
+    config.read_timeout_s = settings.read_timeout_s
     if config.workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0

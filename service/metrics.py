@@ -39,7 +39,17 @@ class Metrics:
         self.reload_failures = Counter(
             "aqe_reload_failures_total", "index versions refused", registry=self.registry
         )
+        self.dropped = Counter(
+            "aqe_searches_dropped_total",
+            "searches dropped before they ran: client gone, or deadline passed",
+            ["reason"],
+            registry=self.registry,
+        )
         self.registry.register(_StateCollector(state))
+
+    def count_drop(self, reason: str) -> None:
+        """Count a queued search dropped unsearched (``Batcher(on_drop=...)``)."""
+        self.dropped.labels(reason).inc()
 
     def count_reload(self, outcome: ReloadOutcome) -> None:
         """Count a reload that loaded a version or refused one (``IndexManager.subscribe``)."""

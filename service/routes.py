@@ -13,10 +13,12 @@ declared once below as ``Annotated`` dependencies; :func:`add_routes` puts the r
 from __future__ import annotations
 
 import hmac
+import time
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -25,11 +27,15 @@ from pydantic import ValidationError
 from aqe_retrieval.errors import QueryError
 from aqe_retrieval.searcher import Searcher
 from service import render
+from service.batcher import DeadlineExceeded
 from service.index_manager import IndexManager
 from service.info import info_summary
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, SearchRequest, SearchResponse
 from service.settings import Settings
+
+# bodies up to this size are parsed on the event loop (a thread hop costs more than parsing them)
+PARSE_INLINE_BYTES = 64 * 1024
 
 # /search reads its body itself (_parse_search_request); this puts its schema back in /docs
 SEARCH_REQUEST_BODY = {
@@ -97,24 +103,50 @@ async def search(request: Request, searcher: ServedIndex) -> Response:
     # The hot path: app state read directly, no dependencies beyond the searcher's.
     state = request.app.state
     settings: Settings = state.settings
-    body = _parse_search_request(await request.body())
-    queries = _queries(body, settings)
-    if not 1 <= body.k <= settings.max_k:
-        raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
+    started = time.monotonic()
+    require_json(request)
+    raw = await request.body()
+    if len(raw) <= PARSE_INLINE_BYTES:
+        body, queries = _read_search_request(raw, settings)
+    else:  # a large body is parsed off the event loop, so /healthz and small requests go on
+        body, queries = await run_in_threadpool(_read_search_request, raw, settings)
+    left = settings.request_timeout_s - (time.monotonic() - started)
+    if left <= 0:
+        raise DeadlineExceeded(f"request deadline of {settings.request_timeout_s:g} s passed while parsing")
     state.metrics.queries.observe(len(queries))
-    # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones
+    # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones.
+    # A client that hangs up cancels this task (service.protocol), which drops the queued job.
     hits = await state.batcher.submit_async(
-        searcher, queries, body.k, expand=body.expand_query, filters=body.filter
+        searcher, queries, body.k, expand=body.expand_query, filters=body.filter, timeout_s=left
     )
     return await render.search_response(searcher, hits, body.with_metadata)
 
 
-def healthz() -> dict[str, str]:
-    """The process is alive."""
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON: a browser page may POST text/plain or a form
+    cross-origin without a preflight, and would make us parse (and search) what it sends."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise HTTPException(415, f"the body must be application/json, not {media or 'undeclared'}")
+
+
+def require_json_if_body(request: Request) -> None:
+    """415 for a POST without a JSON body declared but with a body or a content type (admin)."""
+    headers = request.headers
+    if (
+        "content-type" in headers
+        or headers.get("content-length", "0") != "0"
+        or "transfer-encoding" in headers
+    ):
+        require_json(request)
+
+
+async def healthz() -> dict[str, str]:
+    """The process is alive (answered on the event loop: no threadpool slot needed)."""
     return {"status": "ok"}
 
 
-def readyz(manager: Manager) -> JSONResponse:
+async def readyz(manager: Manager) -> JSONResponse:
     """200 once a version is loaded and warmed up, else 503."""
     searcher = manager.searcher
     if searcher is None:
@@ -167,7 +199,21 @@ def add_routes(app: FastAPI) -> None:
     app.add_api_route("/readyz", readyz, methods=["GET"], responses={503: {"model": ErrorResponse}})
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
-    app.add_api_route("/admin/reload", admin_reload, methods=["POST"], dependencies=[Depends(require_admin)])
+    app.add_api_route(
+        "/admin/reload",
+        admin_reload,
+        methods=["POST"],
+        dependencies=[Depends(require_admin), Depends(require_json_if_body)],
+    )
+
+
+def _read_search_request(raw: bytes, settings: Settings) -> tuple[SearchRequest, np.ndarray]:
+    """The parsed body and its queries as a float64 matrix (all checks but the searcher's)."""
+    body = _parse_search_request(raw)
+    queries = _queries(body, settings)
+    if not 1 <= body.k <= settings.max_k:
+        raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
+    return body, queries
 
 
 def _parse_search_request(raw: bytes) -> SearchRequest:

@@ -5,16 +5,20 @@ Every request loop here is bounded in count and in time; everything talks to 127
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from index_builder.cli import main as builder
@@ -123,3 +127,148 @@ def test_flags_win_over_the_environment_in_every_worker(tmp_path, root):
         for _ in range(10):  # fresh connections, so both workers answer some
             with httpx.Client(base_url=url) as c:
                 assert c.get("/readyz").json()["status"] == "ready"
+
+
+# Load shedding: one search thread per queue, 4 waiting requests at most, a 0.5 s deadline, 1 s
+# to send a request. A heavy request (5000 queries, 50,000 hits) costs about 0.25 s of search.
+SHEDDING = {
+    "AQE_BATCH_WORKERS": "1",
+    "AQE_MAX_BATCH": "20000",
+    "AQE_MAX_QUEUE": "4",
+    "AQE_REQUEST_TIMEOUT_S": "0.5",
+    "AQE_READ_TIMEOUT_S": "1",
+    "AQE_RELOAD_INTERVAL_S": "0",
+}
+# what a request may take beyond the deadline: reading and parsing its body before the deadline
+# starts and rendering its answer after it, on two shared cores
+SLACK_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def shedding(tmp_path_factory, root):
+    with serving(
+        tmp_path_factory.mktemp("shedding") / "log", env={"AQE_INDEX_ROOT": str(root), **SHEDDING}
+    ) as url:
+        yield url
+
+
+def heavy_body(rows: int = 5000) -> bytes:
+    q = np.random.default_rng(rows).standard_normal((rows, 32)).round(4)
+    return json.dumps({"embeddings": q.tolist(), "k": 10}).encode()
+
+
+JSON = {"content-type": "application/json"}
+
+
+def test_overload_is_shed_with_503_retry_after_within_the_deadline(shedding):
+    body = heavy_body()
+    outcomes: list[tuple[int, float, str | None]] = []
+    health: list[float] = []
+    done = threading.Event()
+
+    def heavy() -> None:
+        t0 = time.monotonic()
+        r = httpx.post(f"{shedding}/search", content=body, headers=JSON, timeout=30)
+        outcomes.append((r.status_code, time.monotonic() - t0, r.headers.get("retry-after")))
+
+    def probe() -> None:
+        with httpx.Client(base_url=shedding, timeout=10) as c:
+            stop = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < stop:
+                t0 = time.monotonic()
+                assert c.get("/healthz").status_code == 200
+                health.append(time.monotonic() - t0)
+                time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda _: heavy(), range(16)))
+    done.set()
+    prober.join()
+    statuses = sorted(s for s, _, _ in outcomes)
+    assert set(statuses) <= {200, 503}, statuses
+    assert 503 in statuses, statuses
+    assert all(ra == "1" for s, _, ra in outcomes if s == 503)
+    slowest = max(t for _, t, _ in outcomes)
+    assert slowest < float(SHEDDING["AQE_REQUEST_TIMEOUT_S"]) + SLACK_S, outcomes
+    assert health and max(health) < 1.0, max(health)
+    text = httpx.get(f"{shedding}/metrics").text
+    assert 'aqe_requests_total{route="/search",status="503"}' in text
+    # and the burst over, the service answers again
+    r = httpx.post(f"{shedding}/search", json={"embedding": [0.5] * 32, "k": 2})
+    assert r.status_code == 200, r.text
+
+
+def raw_request(url: str, data: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    sock.sendall(data)
+    return sock
+
+
+def test_a_client_that_hangs_up_has_its_queued_search_dropped(shedding, small_gallery):
+    x, _ = small_gallery
+    before = dropped(shedding)
+    busy = threading.Thread(
+        target=lambda: httpx.post(f"{shedding}/search", content=heavy_body(8000), headers=JSON, timeout=30)
+    )
+    submitted = metric(shedding, "aqe_queries_per_request_count")
+    busy.start()
+    deadline = time.monotonic() + 10
+    while metric(shedding, "aqe_queries_per_request_count") == submitted:  # it is parsed
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    # the only unfiltered search thread is busy for ~0.4 s with the 8000 queries
+    small = json.dumps({"embedding": x[1].tolist(), "k": 3}).encode()
+    request = (
+        b"POST /search HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(small), small)
+    )
+    for _ in range(3):
+        raw_request(shedding, request).close()  # sent whole, then hung up at once
+    busy.join()
+    deadline = time.monotonic() + 5
+    while dropped(shedding) - before < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # never searched: the requests' tasks were cancelled, so the batcher dropped their jobs
+    assert dropped(shedding) - before == 3
+    assert 'aqe_requests_total{route="/search",status="499"}' in httpx.get(f"{shedding}/metrics").text
+
+
+def metric(url: str, name: str) -> float:
+    """The value of the sample ``name`` (with its labels) in ``url``'s /metrics; 0 if absent."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def dropped(url: str) -> float:
+    return metric(url, 'aqe_searches_dropped_total{reason="gone"}')
+
+
+@pytest.mark.parametrize(
+    ("sent", "answer"),
+    [
+        (b"", b"HTTP/1.1 408"),  # connected, never sent a byte
+        (b"POST /search HTTP/1.1\r\nhost: a\r\ncontent-ty", b"HTTP/1.1 408"),  # half the headers
+        # whole headers, a tenth of the body: a handler waits for it, so no answer, just closed
+        (
+            b"POST /search HTTP/1.1\r\nhost: a\r\ncontent-type: application/json\r\n"
+            b'content-length: 100\r\n\r\n{"k": 1,',
+            b"",
+        ),
+    ],
+    ids=["nothing", "partial-headers", "partial-body"],
+)
+def test_a_slow_client_is_cut_off_at_the_read_timeout(shedding, sent, answer):
+    t0 = time.monotonic()
+    with raw_request(shedding, sent) as sock:
+        got = b""
+        while chunk := sock.recv(4096):  # until the server closes (the socket times out at 5 s)
+            got += chunk
+    waited = time.monotonic() - t0
+    assert 0.8 < waited < float(SHEDDING["AQE_READ_TIMEOUT_S"]) + 1.5, waited
+    assert got.startswith(answer)
+    assert httpx.get(f"{shedding}/healthz").status_code == 200
