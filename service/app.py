@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from aqe_retrieval.errors import FilterError, QueryError
-from service import render
+from service import openapi, render
 from service.batcher import Batcher, Overloaded
 from service.index_manager import IndexManager
 from service.info import gauge_state
@@ -64,6 +64,8 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         title="AQE retrieval service",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by service.openapi, from local files
+        redoc_url=None,
         description="Nearest gallery items for an embedding, with online alpha-weighted "
         "query expansion over a FAISS index published by `index-builder build`.",
     )
@@ -76,4 +78,5 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     app.add_exception_handler(RequestValidationError, render.invalid_body)
     app.add_exception_handler(Overloaded, render.overloaded)
     add_routes(app)
+    openapi.install(app)
     return app

@@ -31,7 +31,7 @@ from service.batcher import DeadlineExceeded
 from service.index_manager import IndexManager
 from service.info import info_summary
 from service.metrics import Metrics
-from service.schemas import ErrorResponse, SearchRequest, SearchResponse
+from service.schemas import ErrorResponse, SearchRequest, SearchResponse, ValidationErrorResponse
 from service.settings import Settings
 
 # bodies up to this size are parsed on the event loop (a thread hop costs more than parsing them)
@@ -44,10 +44,27 @@ SEARCH_REQUEST_BODY = {
         "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
     }
 }
+# every status each route can answer, for the OpenAPI document
+RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "the request cannot be answered as asked"},
-    413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES"},
-    503: {"model": ErrorResponse, "description": "no index version loaded yet"},
+    400: {
+        "model": ErrorResponse,
+        "description": "the request cannot be answered as asked (dimension, values, k, batch, filter)",
+    },
+    413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES or the largest legal batch"},
+    415: {"model": ErrorResponse, "description": "body not declared application/json"},
+    422: {"model": ValidationErrorResponse, "description": "body is not JSON or not a search request"},
+    503: {
+        "model": ErrorResponse,
+        "description": "no index version loaded yet, or overloaded: search queue full "
+        "(AQE_MAX_QUEUE) or no answer within AQE_REQUEST_TIMEOUT_S",
+        "headers": RETRY,
+    },
+}
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorResponse, "description": "admin routes are off: AQE_ADMIN_TOKEN is not set"},
+    415: {"model": ErrorResponse, "description": "a body that is not declared application/json"},
 }
 
 
@@ -196,7 +213,9 @@ def add_routes(app: FastAPI) -> None:
         openapi_extra=SEARCH_REQUEST_BODY,
     )
     app.add_api_route("/healthz", healthz, methods=["GET"])
-    app.add_api_route("/readyz", readyz, methods=["GET"], responses={503: {"model": ErrorResponse}})
+    app.add_api_route(
+        "/readyz", readyz, methods=["GET"], responses={503: {"description": "no version loaded yet"}}
+    )
     app.add_api_route("/info", info, methods=["GET"])
     app.add_api_route("/metrics", prometheus, methods=["GET"], response_class=PlainTextResponse)
     app.add_api_route(
@@ -204,6 +223,7 @@ def add_routes(app: FastAPI) -> None:
         admin_reload,
         methods=["POST"],
         dependencies=[Depends(require_admin), Depends(require_json_if_body)],
+        responses={**ADMIN_ERRORS, 409: {"description": "the version was refused; the old one serves on"}},
     )
 
 

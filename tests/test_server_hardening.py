@@ -272,3 +272,11 @@ def test_a_slow_client_is_cut_off_at_the_read_timeout(shedding, sent, answer):
     assert 0.8 < waited < float(SHEDDING["AQE_READ_TIMEOUT_S"]) + 1.5, waited
     assert got.startswith(answer)
     assert httpx.get(f"{shedding}/healthz").status_code == 200
+
+
+def test_a_body_not_declared_json_gets_415_over_http(shedding):
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        r = httpx.post(
+            f"{shedding}/search", content=b'{"embedding": [1], "k": 1}', headers={"content-type": ctype}
+        )
+        assert r.status_code == 415, r.text
