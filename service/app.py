@@ -23,6 +23,7 @@ from service.index_manager import IndexManager
 from service.info import gauge_state
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observe, body_limit
+from service.reload_requests import ReloadRequests
 from service.routes import add_routes
 from service.settings import Settings
 
@@ -37,6 +38,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     blas = threadpool_limits(settings.threads, user_api="blas")
     manager.reload()
     manager.start_watching(settings.reload_interval_s)
+    requests: ReloadRequests | None = None
+    if settings.metrics_dir is not None:  # several workers: admin reloads reach them all
+        requests = ReloadRequests(settings.metrics_dir, lambda: manager.reload(force=True))
+        requests.start()
+    app.state.reload_requests = requests
     app.state.batcher = Batcher(
         settings.batch_workers,
         settings.max_batch,
@@ -48,7 +54,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         manager.stop()
+        if requests is not None:
+            requests.stop()
         app.state.batcher.close()
+        app.state.metrics.close()
         blas.restore_original_limits()
 
 
@@ -57,7 +66,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     manager = manager or IndexManager(
         settings.index_root, settings.verify_checksums, settings.mmap, settings.max_index_bytes
     )
-    metrics = Metrics(lambda: gauge_state(manager, settings))
+    metrics = Metrics(lambda: gauge_state(manager, settings), settings.metrics_dir)
     manager.subscribe(metrics.count_reload)
 
     app = FastAPI(

@@ -9,10 +9,11 @@ worker process runs on its own (:func:`app_factory`), builds the same settings.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,7 +110,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         print(_config_error(exc), file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.workers > 1:
+        # one metrics view over every worker (and the admin reload fan-out): a fresh private
+        # directory, set before any worker imports prometheus_client
+        metrics_dir = tempfile.mkdtemp(prefix="aqe-search-service-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            return _serve(settings)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    return _serve(settings)
+
+
+def log_config(level: str) -> dict[str, Any]:
+    """Logging for uvicorn to apply in the supervisor and in every worker process.
+
+    The root logger included, so the service's own lines (``serving version ...``) show from
+    every worker, each with its pid.
+    """
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"line": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stderr"}
+        },
+        "root": {"handlers": ["stderr"], "level": level},
+    }
+
+
+def _serve(settings: Settings) -> int:
     config = _Config(
         "service.main:app_factory",
         factory=True,
@@ -117,6 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level.lower(),
+        log_config=log_config(settings.log_level),
         access_log=False,
         # read deadline for slow clients, cancel on disconnect (service.protocol)
         http="service.protocol:GuardedHttpToolsProtocol",

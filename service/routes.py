@@ -186,14 +186,22 @@ def prometheus(metrics: AppMetrics) -> PlainTextResponse:
     return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def admin_reload(manager: Manager) -> JSONResponse:
-    """Reload ``current`` now (even if it is the served version); 409 if it was refused."""
+def admin_reload(request: Request, manager: Manager) -> JSONResponse:
+    """Reload ``current`` now (even if it is the served version); 409 if it was refused.
+
+    The outcome is this worker's; with several workers every other one is asked to reload
+    too (``"workers": "all"``) and does so within a second.
+    """
+    fanout = request.app.state.reload_requests
+    if fanout is not None:
+        fanout.request()
     outcome = manager.reload(force=True)
     body = {
         "status": outcome.status,
         "version": outcome.version,
         "error": outcome.error,
         "serving": manager.searcher.version if manager.searcher else None,
+        "workers": "all" if fanout is not None else "this",
     }
     return JSONResponse(body, status_code=409 if outcome.status == "failed" else 200)
 

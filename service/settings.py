@@ -66,6 +66,13 @@ class Settings(BaseSettings):
         "the manifest); a bigger version is refused before it is loaded; unset: no limit",
     )
 
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="set by search-service for AQE_WORKERS > 1 (a fresh private directory): "
+        "the workers' shared metrics files and reload counter; not a setting to give",
+    )
+
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_token_is_unset(cls, value: object) -> object:

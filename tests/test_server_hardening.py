@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -280,3 +282,41 @@ def test_a_body_not_declared_json_gets_415_over_http(shedding):
             f"{shedding}/search", content=b'{"embedding": [1], "k": 1}', headers={"content-type": ctype}
         )
         assert r.status_code == 415, r.text
+
+
+def test_two_workers_one_metrics_view_their_logs_and_reloads_for_all(tmp_path, root, small_gallery):
+    x, paths = small_gallery
+    served = tmp_path / "root"
+    shutil.copytree(root, served)
+    env = {
+        "AQE_INDEX_ROOT": str(served),
+        "AQE_WORKERS": "2",
+        "AQE_ADMIN_TOKEN": "s3",
+        "AQE_RELOAD_INTERVAL_S": "0",
+    }
+    log = tmp_path / "log"
+    with serving(log, env=env, workers=2) as url:
+        # each line of the service's own logging, from each worker, with its pid
+        pids = set(re.findall(r"\[(\d+)\] service\.index_manager: serving version", log.read_text()))
+        assert len(pids) == 2, log.read_text()
+        for i in range(10):  # fresh connections: both workers answer some
+            r = httpx.post(f"{url}/search", json={"embedding": x[i].tolist(), "k": 2})
+            assert r.status_code == 200
+        for _ in range(6):  # and whichever worker answers the scrape shows them all
+            assert metric(url, 'aqe_requests_total{route="/search",status="200"}') == 10
+            assert metric(url, "aqe_reloads_total") == 2  # one load per worker
+            assert "aqe_index_info{version=" in httpx.get(f"{url}/metrics").text  # custom collector
+        # no watcher (AQE_RELOAD_INTERVAL_S=0): only the admin reload can bring a new version
+        assert (
+            builder(["build", "--gallery", str(paths["gallery"]), "--root", str(served), "--no-progress"])
+            == 0
+        )
+        r = httpx.post(f"{url}/admin/reload", headers={"Authorization": "Bearer s3"})
+        assert r.status_code == 200 and r.json()["workers"] == "all"
+        new = r.json()["version"]
+        deadline = time.monotonic() + 10
+        while metric(url, f'aqe_workers_serving{{version="{new}"}}') != 2:
+            assert time.monotonic() < deadline, httpx.get(f"{url}/metrics").text
+            time.sleep(0.1)
+        for _ in range(6):
+            assert httpx.get(f"{url}/readyz").json()["index_version"] == new
