@@ -52,7 +52,7 @@ def gallery_level(
 
 
 def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int, alpha: float) -> np.ndarray:
-    """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (AQE.md).
+    """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (``docs/AQE.md``).
 
     Round t expands against level t - 1: the query itself (weight 1) plus its top ``qe_k - 1``
     rows of that level, ``q <- (q + sum_j s_j ** alpha * G_j) / qe_k`` with ``G_j`` raw rows

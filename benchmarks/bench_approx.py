@@ -7,7 +7,7 @@ against exact kNN on ``--sample`` rows reaches ``--target``, then, at that nprob
 self-kNN graph two ways back to back:
   * the plain route: ``index.search`` block by block, on ``--plain-rows`` rows (0: all),
     extrapolated linearly (rows are searched independently); graph = train + add + search;
-  * the batch route (``--batch-lists``, ``knn.batch_self_knn``): one coarse assignment of all
+  * the batch route (``--batch-lists``, ``ivf_batch.batch_self_knn``): one coarse assignment of all
     rows, add with it, one GEMM per inverted list, all rows; graph = train + that;
 and checks the graph's recall on the sample. The anchor is exact kNN over all rows, extrapolated
 from measured samples: ``faiss.knn`` of ``--exact-sample`` rows against all rows (the builder's
@@ -37,8 +37,9 @@ from bench_build import exact_extrapolation, symmetric_extrapolation  # noqa: E4
 from synthetic import generate  # noqa: E402
 
 from aqe_retrieval.aqe import normalize_rows  # noqa: E402
-from aqe_retrieval.faiss_search import exact_knn  # noqa: E402
-from index_builder import knn  # noqa: E402
+from aqe_retrieval.faiss_search import exact_knn, search_parameters  # noqa: E402
+from index_builder import pool  # noqa: E402
+from index_builder.ivf_batch import batch_self_knn  # noqa: E402
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def timed(fn):
 
 
 def plain_search(index, u: np.ndarray, k: int, nprobe: int, block: int) -> np.ndarray:
-    params = knn.search_parameters(index, nprobe, None)
+    params = search_parameters(index, nprobe, None)
     ids = np.empty((len(u), k), dtype=np.int64)
     for lo in range(0, len(u), block):
         ids[lo : lo + block] = index.search(np.ascontiguousarray(u[lo : lo + block]), k, params=params)[1]
@@ -94,7 +95,7 @@ def main() -> None:
         "data": str(data),
         "k": k,
         "target": a.target,
-        "workers": knn._workers(),
+        "workers": pool.worker_count(),
         "load_1min_start": round(os.getloadavg()[0], 2),
         "settings": [],
     }
@@ -133,7 +134,7 @@ def main() -> None:
             del index
             # the builder's batch route after training: assign once, add, one GEMM per list
             t_batch, (_, ids) = timed(
-                lambda nprobe=chosen, trained=trained: knn.batch_self_knn(
+                lambda nprobe=chosen, trained=trained: batch_self_knn(
                     faiss.clone_index(trained), u, k, nprobe, a.block_size
                 )
             )

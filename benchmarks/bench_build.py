@@ -43,7 +43,7 @@ def exact_extrapolation(data: Path, sample: int) -> float:
 def symmetric_extrapolation(data: Path, rows: int, k: int = 10) -> float:
     """Seconds the builder's exact kernel would take over all rows, from its time on ``rows``."""
     from aqe_retrieval.aqe import normalize_rows
-    from index_builder.knn import symmetric_self_knn
+    from index_builder.symmetric import symmetric_self_knn
 
     x = np.load(data, mmap_mode="r")
     m = min(rows, len(x))

@@ -3,7 +3,7 @@
 In one process, interleaved ``--repeat`` times (so machine load hits all of them alike):
   * GEMM peak: numpy float32 matmul of two 4096 x 4096 matrices, best of 3 (the BLAS and its
     threads are printed, via threadpoolctl);
-  * the kNN phase: ``knn.self_knn(u, k, KnnSpec(), block_size)`` (the builder's exact default);
+  * the kNN phase: ``self_knn(u, k, KnnSpec(), block_size)`` (the builder's exact default);
   * a profile of the kNN phase: the same tiles and threads with GEMM only (no top-k), so
     ``1 - gemm_only / knn`` is the share of the top-k selection and the tile bookkeeping;
   * FAISS flat search: ``faiss.knn(u, u, k, METRIC_INNER_PRODUCT)``, all rows at once;
@@ -32,8 +32,9 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from index_builder import knn
-from index_builder.knn import KnnSpec, self_knn
+from index_builder import pool
+from index_builder.knn import KnnSpec, self_knn, use_symmetric
+from index_builder.symmetric import SYMMETRIC_TILE, symmetric_self_knn
 
 
 def blas_info() -> list[dict]:
@@ -75,7 +76,7 @@ def gemm_only(u: np.ndarray, tile: int) -> float:
     n = len(u)
     starts = range(0, n, tile)
     tasks = [(a, b) for a in starts for b in starts if b >= a]
-    workers = knn._workers()
+    workers = pool.worker_count()
     bufs = [np.empty(min(tile, n) ** 2, dtype=np.float32) for _ in range(workers)]
 
     def work(task, slot):
@@ -83,8 +84,8 @@ def gemm_only(u: np.ndarray, tile: int) -> float:
         np.matmul(xa, xb.T, out=bufs[slot][: len(xa) * len(xb)].reshape(len(xa), len(xb)))
 
     t0 = time.perf_counter()
-    with knn._single_threaded_blas(workers):
-        knn._run(tasks, work, workers, lambda t: None)
+    with pool.single_threaded_blas(workers):
+        pool.run_tiles(tasks, work, workers, lambda t: None)
     return time.perf_counter() - t0
 
 
@@ -109,8 +110,8 @@ def compare_sets(ids, sims, ref_ids, ref_sims, eps: float) -> dict:
 
 def main_run(a) -> dict:
     u = unit_rows(a.n, a.d)
-    tile = min(a.block_size, knn.SYMMETRIC_TILE)
-    sym = knn.use_symmetric(a.n)
+    tile = min(a.block_size, SYMMETRIC_TILE)
+    sym = use_symmetric(a.n)
     flops_knn = a.n * a.n * a.d * (1 + tile / a.n) if sym else 2 * a.n * a.n * a.d
     flops_full = 2 * a.n * a.n * a.d
     rows = []
@@ -156,7 +157,7 @@ def main_run(a) -> dict:
         "k": a.k,
         "block_size": a.block_size,
         "tile": tile,
-        "workers": knn._workers(),
+        "workers": pool.worker_count(),
         "blas": blas_info(),
         "runs": rows,
     }
@@ -195,7 +196,7 @@ def tiles_run(a) -> dict:
     floor = {t: float("inf") for t in tiles}
     for _ in range(a.repeat):
         for t in tiles:
-            best[t] = min(best[t], timed(lambda t=t: knn.symmetric_self_knn(u, a.k, t))[0])
+            best[t] = min(best[t], timed(lambda t=t: symmetric_self_knn(u, a.k, t))[0])
             floor[t] = min(floor[t], gemm_only(u, t))
     rows = [
         {
@@ -230,7 +231,7 @@ def main() -> None:
                 "blas": blas_info(),
                 "faiss": faiss.__version__,
                 "numpy": np.__version__,
-                "workers": knn._workers(),
+                "workers": pool.worker_count(),
                 "cpus": os.cpu_count(),
             }
         ),

@@ -21,11 +21,11 @@ import numpy as np
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
 from index_builder import nightly
-from index_builder.build import EXPANSION_INDEXES, BuildConfig, QualitySpec, ServingSpec, build
+from index_builder.build import build
+from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
-from index_builder.quality import GateSpec
 
 logger = logging.getLogger("index_builder")
 
@@ -250,6 +250,7 @@ def _params(args: argparse.Namespace) -> AqeParams:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
+    """``expand``: AQE over a feature file (and queries), written atomically as .npy; logs the report."""
     if (args.queries is None) != (args.queries_out is None):
         raise InputError("--queries and --queries-out go together")
     gallery = open_embeddings(args.input)
@@ -333,6 +334,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
+    """``build``: one build published under ``--root``."""
     config = build_config(args)
     manifest = build(config)
     summary = {
@@ -350,6 +352,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_nightly(args: argparse.Namespace) -> int:
+    """``nightly``: one locked, recorded build run; prints its status record."""
     code, status = nightly.run_until_sigterm(build_config(args))
     if status is not None:
         print(json.dumps(status.model_dump(mode="json"), indent=2))
@@ -357,6 +360,7 @@ def cmd_nightly(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``evaluate``: raw vs AQE metrics on labelled features, as a table, JSON and plots."""
     from index_builder import report
     from index_builder.quality import labels_from_columns
 
@@ -383,6 +387,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    """``list``: the published versions, the current one marked."""
     current = artifact.current_version(args.root)
     versions = artifact.version_ids(args.root)
     if not versions:
@@ -403,6 +408,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``verify``: check a version's files against its manifest."""
     version = args.version or artifact.current_version(args.root)
     problems = artifact.verify(args.root, version)
     if problems:
@@ -414,6 +420,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    """``rollback``: make an earlier version current."""
     version = artifact.rollback(args.root, args.version)
     print(f"current is now {version}")
     return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,10 +78,6 @@ class ExpansionReport:
         return min(values) if values else None
 
 
-LevelHook = Callable[[int, np.ndarray, np.ndarray, KnnResult], None]
-"""Called with ``(level, normalised rows, norms, knn)`` for levels 0 .. qe_times - 1."""
-
-
 def load_normalized(
     source: EmbeddingSource, block_size: int, label: str, show_progress: bool | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -101,6 +97,101 @@ def load_normalized(
     return u, norms
 
 
+@dataclass(frozen=True)
+class Level:
+    """One level of the expansion, before its rows are released.
+
+    ``rows`` (n, d) float32 are the level's L2-normalised rows, ``norms`` (n,) float32 their
+    norms, ``knn`` the neighbour graph the next level is expanded over. The next round reuses
+    ``rows`` in place: copy what must outlive the step.
+    """
+
+    number: int
+    rows: np.ndarray
+    norms: np.ndarray
+    knn: KnnResult
+
+
+class Expansion:
+    """Every row of ``source`` expanded ``qe_times`` times, level by level.
+
+    Iterate it for levels ``0 .. qe_times - 1`` (:class:`Level`); afterwards ``expanded`` holds
+    the result (n, d) float32 and ``report`` what each round measured. ``out``, if given, is a
+    writable (n, d) float32 array (e.g. a memmap) that receives the result. Arguments are
+    checked on construction; the work happens during the iteration, which runs once.
+    """
+
+    def __init__(
+        self,
+        source: EmbeddingSource,
+        params: AqeParams,
+        knn: KnnSpec | None = None,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        out: np.ndarray | None = None,
+        show_progress: bool | None = None,
+        label: str = "input",
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        n, d = source.n, source.d
+        k = aqe.effective_qe_k(params.qe_k, n)
+        if k < params.qe_k:
+            logger.warning("only %d rows: qe_k clamped from %d to %d", n, params.qe_k, k)
+        if out is not None and (out.shape != (n, d) or out.dtype != np.float32):
+            raise ValueError(f"out must be float32 of shape {(n, d)}, got {out.dtype} {out.shape}")
+        self.source, self.params, self.knn = source, params, knn or KnnSpec()
+        self.block_size, self.out, self.show_progress, self.label = block_size, out, show_progress, label
+        self.report = ExpansionReport(n=n, d=d, effective_qe_k=k)
+        self._started = False
+        self._expanded: np.ndarray | None = None
+
+    @property
+    def expanded(self) -> np.ndarray:
+        """The expanded rows (n, d) float32, once every level has been iterated."""
+        if self._expanded is None:
+            raise RuntimeError("the expansion has not been run to its end")
+        return self._expanded
+
+    def __iter__(self) -> Iterator[Level]:
+        """Run the rounds, yielding each level's rows and kNN before the round expands them."""
+        if self._started:
+            raise RuntimeError("an Expansion runs once")
+        self._started = True
+        params, block_size, show_progress = self.params, self.block_size, self.show_progress
+        n, d, k = self.report.n, self.report.d, self.report.effective_qe_k
+        t0 = time.perf_counter()
+        u, norms = load_normalized(self.source, block_size, self.label, show_progress)
+        self.report.read_seconds = time.perf_counter() - t0
+        x = u
+        for t in range(1, params.qe_times + 1):
+            with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
+                result = self_knn(u, k, self.knn, block_size, update)
+            if result.recall is not None:
+                logger.info(
+                    "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample
+                )
+            yield Level(t - 1, u, norms, result)
+            t1 = time.perf_counter()
+            last = t == params.qe_times
+            x = self.out if (last and self.out is not None) else np.empty((n, d), dtype=np.float32)
+            with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
+                step = min(block_size, EXPAND_CHUNK)
+                for lo in range(0, n, step):
+                    hi = min(n, lo + step)
+                    x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
+                    update(hi - lo)
+            self.report.rounds.append(
+                RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall, result.recall_sample)
+            )
+            if not last:
+                # x becomes the next level's normalised rows in place: raw = norm * u.
+                del u
+                norms = aqe.normalize_rows_inplace(x, block_size)
+                u = x
+        self._expanded = x
+
+
 def expand_source(
     source: EmbeddingSource,
     params: AqeParams,
@@ -108,56 +199,20 @@ def expand_source(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     out: np.ndarray | None = None,
-    on_level: LevelHook | None = None,
     show_progress: bool | None = None,
     label: str = "input",
 ) -> tuple[np.ndarray, ExpansionReport]:
     """Expand every row of ``source`` ``qe_times`` times; returns ``(X (n, d) float32, report)``.
 
     ``out``, if given, is a writable (n, d) float32 array (e.g. a memmap) that receives the result.
-    ``on_level`` sees each level's normalised rows and kNN before they are released.
+    To see each level's rows and kNN on the way, iterate an :class:`Expansion` instead.
     """
-    knn = knn or KnnSpec()
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    n, d = source.n, source.d
-    k = aqe.effective_qe_k(params.qe_k, n)
-    if k < params.qe_k:
-        logger.warning("only %d rows: qe_k clamped from %d to %d", n, params.qe_k, k)
-    if out is not None and (out.shape != (n, d) or out.dtype != np.float32):
-        raise ValueError(f"out must be float32 of shape {(n, d)}, got {out.dtype} {out.shape}")
-    report = ExpansionReport(n=n, d=d, effective_qe_k=k)
-    t0 = time.perf_counter()
-    u, norms = load_normalized(source, block_size, label, show_progress)
-    report.read_seconds = time.perf_counter() - t0
-    x = u
-    for t in range(1, params.qe_times + 1):
-        with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
-            result = self_knn(u, k, knn, block_size, update)
-        if result.recall is not None:
-            logger.info(
-                "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample
-            )
-        if on_level:
-            on_level(t - 1, u, norms, result)
-        t1 = time.perf_counter()
-        last = t == params.qe_times
-        x = out if (last and out is not None) else np.empty((n, d), dtype=np.float32)
-        with progress(f"round {t}/{params.qe_times} expand", n, enabled=show_progress) as update:
-            step = min(block_size, EXPAND_CHUNK)
-            for lo in range(0, n, step):
-                hi = min(n, lo + step)
-                x[lo:hi] = expand_block(u, norms, u[lo:hi], result.ids[lo:hi], params.alpha)
-                update(hi - lo)
-        report.rounds.append(
-            RoundReport(t, result.seconds, time.perf_counter() - t1, result.recall, result.recall_sample)
-        )
-        if not last:
-            # x becomes the next level's normalised rows in place: raw = norm * u.
-            del u
-            norms = aqe.normalize_rows_inplace(x, block_size)
-            u = x
-    return x, report
+    expansion = Expansion(
+        source, params, knn, block_size=block_size, out=out, show_progress=show_progress, label=label
+    )
+    for _ in expansion:
+        pass
+    return expansion.expanded, expansion.report
 
 
 def expand_block(

@@ -33,14 +33,17 @@ class EmbeddingSource:
 
     @property
     def n(self) -> int:
+        """Rows over all shards."""
         return sum(s.shape[0] for s in self.shards)
 
     @property
     def d(self) -> int:
+        """Dimension of every row."""
         return int(self.shards[0].shape[1])
 
     @property
     def dtype(self) -> np.dtype:
+        """The rows' stored dtype (float32 or float16)."""
         return self.shards[0].dtype
 
     def blocks(self, block_size: int) -> Iterator[tuple[int, np.ndarray]]:

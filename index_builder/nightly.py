@@ -29,7 +29,8 @@ from typing import Any
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_LOCKED, EXIT_OK, LockedError, Terminated, exit_code
 from aqe_retrieval.status import Failure, NightlyStatus, Success
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 
 logger = logging.getLogger(__name__)
 

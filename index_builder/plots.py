@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _pyplot():
+def _pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or a RuntimeError saying how to install it."""
     try:
         import matplotlib
 
@@ -41,7 +42,8 @@ def map_vs_qe_k(grid: list[dict[str, Any]], raw_map: float, out: Path) -> Path:
     return _save(plt, fig, ax, out, "qe_k", "mAP (serving-mode AQE)", "mAP against qe_k")
 
 
-def _save(plt, fig, ax, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
+def _save(plt: Any, fig: Any, ax: Any, out: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label, save as ``out`` and close one figure."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -1,4 +1,4 @@
-"""Retrieval quality on labelled data: raw vs AQE in both modes, exact vs approximate, the gate.
+"""Retrieval quality on labelled data: raw vs AQE in both modes, exact vs approximate.
 
 Every figure is a Market-1501 re-ID metric (``index_builder.evaluation``) of a real ranking:
 
@@ -24,9 +24,9 @@ import numpy as np
 from aqe_retrieval import aqe
 from aqe_retrieval.online import GalleryLevel, expand_online, gallery_level
 from index_builder.evaluation import ReidMetrics, rank_metrics
-from index_builder.expansion import AqeParams, expand_source
+from index_builder.expansion import AqeParams, Expansion, expand_source
 from index_builder.inputs import as_source
-from index_builder.knn import KnnResult, KnnSpec
+from index_builder.knn import KnnSpec
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class Labels:
     pids: np.ndarray
     camids: np.ndarray
 
-    def __getitem__(self, rows) -> Labels:
+    def __getitem__(self, rows: Any) -> Labels:
+        """The labels of ``rows`` (an index, slice or mask)."""
         return Labels(self.pids[rows], self.camids[rows])
 
 
@@ -54,11 +55,21 @@ def labels_from_columns(columns: dict[str, np.ndarray], pid: str = "pid", camid:
     return Labels(np.asarray(columns[pid]), np.asarray(columns[camid]))
 
 
-def cosine_metrics(xq: np.ndarray, xg: np.ndarray, q: Labels, g: Labels, max_rank: int = 50) -> ReidMetrics:
-    """Metrics of ranking the gallery ``xg`` (G, d) by cosine to each query ``xq`` (Q, d)."""
+def cosine_metrics(
+    xq: np.ndarray,
+    xg: np.ndarray,
+    q: Labels,
+    g: Labels,
+    max_rank: int = 50,
+    block_elements: int = SIM_BLOCK_ELEMENTS,
+) -> ReidMetrics:
+    """Metrics of ranking the gallery ``xg`` (G, d) by cosine to each query ``xq`` (Q, d).
+
+    Queries are ranked a block at a time: ``block_elements`` similarities (float32) at most.
+    """
     uq, _ = aqe.normalize_rows(xq)
     ug, _ = aqe.normalize_rows(xg)
-    block = max(1, SIM_BLOCK_ELEMENTS // max(len(ug), 1))
+    block = max(1, block_elements // max(len(ug), 1))
     parts = [
         rank_metrics(
             uq[lo : lo + block] @ ug.T,
@@ -103,15 +114,13 @@ def serving_gallery(
 ) -> ServingGallery:
     """Expand the gallery alone and keep each level for online query expansion."""
     knn = knn or KnnSpec()
-    levels: list[GalleryLevel] = []
-
-    def keep(level: int, rows: np.ndarray, norms: np.ndarray, result: KnnResult) -> None:
-        levels.append(gallery_level(rows.copy(), norms.copy(), result.index, knn.nprobe, knn.ef_search))
-
-    x, report = expand_source(
-        as_source(xg), params, knn, block_size=block_size, on_level=keep, show_progress=False
-    )
-    return ServingGallery(x, levels, report.graph_recall, report.effective_qe_k)
+    expansion = Expansion(as_source(xg), params, knn, block_size=block_size, show_progress=False)
+    levels = [
+        gallery_level(lv.rows.copy(), lv.norms.copy(), lv.knn.index, knn.nprobe, knn.ef_search)
+        for lv in expansion
+    ]
+    report = expansion.report
+    return ServingGallery(expansion.expanded, levels, report.graph_recall, report.effective_qe_k)
 
 
 def compare(
@@ -157,36 +166,3 @@ def sweep(
             out.append({"qe_k": k, "alpha": a, "mAP": m.mean_ap, "rank1": m.rank(1), "mINP": m.mean_inp})
             logger.info("sweep qe_k=%d alpha=%g: mAP %.4f rank-1 %.4f", k, a, m.mean_ap, m.rank(1))
     return out
-
-
-@dataclass(frozen=True)
-class GateSpec:
-    """Thresholds a build must meet to be published (``None``: not checked)."""
-
-    min_map_gain: float | None = None
-    min_graph_recall: float | None = None
-
-
-def gate_check(
-    raw: ReidMetrics, expanded: ReidMetrics, graph_recall: float | None, spec: GateSpec
-) -> dict[str, Any]:
-    """The gate's record: measured figures, thresholds, reasons for refusal (empty: passed)."""
-    gain = expanded.mean_ap - raw.mean_ap
-    reasons = []
-    if spec.min_map_gain is not None and gain < spec.min_map_gain:
-        reasons.append(
-            f"AQE changes mAP by {gain:+.4f} ({raw.mean_ap:.4f} -> "
-            f"{expanded.mean_ap:.4f}), below the required {spec.min_map_gain:+.4f}"
-        )
-    if spec.min_graph_recall is not None and (graph_recall or 1.0) < spec.min_graph_recall:
-        reasons.append(f"graph recall {graph_recall:.4f} is below the required {spec.min_graph_recall:.4f}")
-    return {
-        "raw": raw.as_dict() | {"cmc": None},
-        "aqe": expanded.as_dict() | {"cmc": None},
-        "map_gain": gain,
-        "graph_recall": graph_recall,
-        "min_map_gain": spec.min_map_gain,
-        "min_graph_recall": spec.min_graph_recall,
-        "passed": not reasons,
-        "reasons": reasons,
-    }

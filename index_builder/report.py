@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from aqe_retrieval import artifact
-from index_builder.build import BuildConfig, ServingSpec, build
+from index_builder.build import build
+from index_builder.config import BuildConfig, ServingSpec
 from index_builder.evaluation import topk_metrics
 from index_builder.expansion import AqeParams
 from index_builder.inputs import open_embeddings

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aqe_retrieval import artifact
-from index_builder.build import BuildConfig, build
+from aqe_retrieval.status import NightlyStatus, Success
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 
 
@@ -149,3 +152,18 @@ def test_nothing_published_yet(tmp_path):
     assert artifact.current_version(tmp_path) is None
     with pytest.raises(artifact.ArtifactError, match="nothing published"):
         artifact.load(tmp_path)
+
+
+def test_read_status_tolerates_missing_and_corrupt(tmp_path):
+    assert artifact.read_status(tmp_path) is None
+    artifact.status_path(tmp_path).write_text("{not json")
+    assert artifact.read_status(tmp_path) is None
+
+
+def test_status_record_round_trips(tmp_path):
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    status = NightlyStatus(host="h", pid=1, last_run_started=t, last_success=Success(time=t, version="v"))
+    artifact.write_status(tmp_path, status)
+    assert artifact.load_status(tmp_path) == status
+    assert artifact.read_status(tmp_path) == status.model_dump(mode="json")
+    assert not [p.name for p in tmp_path.iterdir() if p != artifact.status_path(tmp_path)]

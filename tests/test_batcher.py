@@ -53,16 +53,17 @@ def test_concurrent_requests_get_their_own_answers(searcher, small_gallery):
 
 def test_versions_are_never_mixed_and_errors_reach_the_caller(built_root, searcher, small_gallery):
     x, _ = small_gallery
-    other = Searcher(artifact.load(built_root))  # another loaded version object
+    # two loaded version objects that record the query rows each is asked to search
+    versions = [_Recording(searcher), _Recording(Searcher(artifact.load(built_root)))]
     batcher = Batcher(workers=1)
     try:
         with ThreadPoolExecutor(8) as pool:
-            pairs = list(
-                pool.map(
-                    lambda i: (i % 2, batcher.search([searcher, other][i % 2], x[i : i + 1], 3)), range(40)
-                )
-            )
-        assert len(pairs) == 40
+            got = list(pool.map(lambda i: batcher.search(versions[i % 2], x[i : i + 1], 3), range(40)))
+        for parity, version in enumerate(versions):
+            seen = np.concatenate(version.seen)
+            assert sorted(seen.tolist()) == sorted(x[parity:40:2].tolist()), "a batch mixed two versions"
+        for i, hits in enumerate(got):
+            assert [h.row for h in hits[0]] == [h.row for h in searcher.search(x[i : i + 1], 3)[0]]
         with pytest.raises(QueryError, match="dimension"):
             batcher.search(searcher, np.ones((1, 5), np.float32), 3)
     finally:
@@ -102,6 +103,20 @@ class _Blocking:
 
     def search_checked(self, queries, k, expand=True, filters=None):
         assert self.gate.wait(10)
+        return self.searcher.search_checked(queries, k, expand, filters)
+
+
+class _Recording:
+    """A searcher stand-in that remembers every batch of query rows it searched."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher, self.seen = searcher, []
+
+    def check_queries(self, queries):
+        return self.searcher.check_queries(queries)
+
+    def search_checked(self, queries, k, expand=True, filters=None):
+        self.seen.append(np.array(queries))
         return self.searcher.search_checked(queries, k, expand, filters)
 
 

@@ -88,7 +88,7 @@ def test_build_list_verify_rollback(tmp_path, small_gallery, capsys):
     assert artifact.current_version(root) == first
     (root / "versions" / first / "serving.faiss").write_bytes(b"garbage")
     assert main(["verify", str(root), first]) == 1
-    assert "checksum" in capsys.readouterr().err or True
+    assert f"{first}: serving.faiss: 7 bytes, manifest says" in capsys.readouterr().err
 
 
 def _bad_inputs(tmp_path):
@@ -189,3 +189,29 @@ def test_bad_options_are_refused(tmp_path, small_gallery, caplog):
         main(["expand", str(paths["gallery"]), str(tmp_path / "o.npy"), "--queries", str(paths["gallery"])])
         == 2
     )
+
+
+def test_cli_serving_index_auto_and_fast_knn_flags(tmp_path, small_gallery):
+    _, paths = small_gallery
+    root = tmp_path / "root"
+    args = [
+        "build",
+        "--gallery",
+        str(paths["gallery"]),
+        "--root",
+        str(root),
+        "--no-progress",
+        "--serving-index",
+        "auto",
+        "--serving-memory-budget-gib",
+        "1",
+    ]
+    assert main([*args, "--exact-kernel", "symmetric"]) == 0
+    assert main([*args, "--knn", "IVF8,Flat", "--nprobe", "8", "--batch-lists"]) == 0
+    first, second = artifact.version_ids(root)
+    m1, m2 = artifact.read_manifest(root, first), artifact.read_manifest(root, second)
+    assert m1.serving_index.spec == "exact" and m1.graph_recall is None
+    assert m2.graph_recall > 0.99  # all 8 lists probed: only ties between duplicates differ
+    assert main([*args, "--knn", "HNSW8", "--batch-lists"]) == 2
+    with pytest.raises(SystemExit):
+        main([*args, "--exact-kernel", "nope"])

@@ -8,9 +8,9 @@ from helpers import clustered_data, write_gallery
 
 from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
-from index_builder import build as build_module
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
 from index_builder.cli import main as cli
+from index_builder.config import BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams
 
 N, D = 5000, 32
@@ -22,7 +22,7 @@ def gallery(tmp_path_factory):
     return x, write_gallery(tmp_path_factory.mktemp("expansion-gallery"), x)
 
 
-def built(root, paths, expansion_index: str):
+def built(root, paths, expansion_index: str, exact_max_n: int | None = None):
     return build(
         BuildConfig(
             gallery=paths["gallery"],
@@ -31,14 +31,14 @@ def built(root, paths, expansion_index: str):
             params=AqeParams(qe_k=5),
             show_progress=False,
             expansion_index=expansion_index,
+            serving=ServingSpec() if exact_max_n is None else ServingSpec(exact_max_n=exact_max_n),
         )
     )
 
 
-def test_auto_builds_a_tuned_index_above_the_exact_limit(tmp_path, gallery, monkeypatch):
+def test_auto_builds_a_tuned_index_above_the_exact_limit(tmp_path, gallery):
     x, paths = gallery
-    monkeypatch.setattr(build_module, "AUTO_EXACT_MAX_N", 1000)  # 5,000 rows count as large
-    manifest = built(tmp_path / "auto", paths, "auto")
+    manifest = built(tmp_path / "auto", paths, "auto", exact_max_n=1000)  # 5,000 rows count as large
     level = manifest.levels[0]
     assert level.index == "level_0.faiss" and level.index_type.startswith("IVF")
     assert level.recall_k == 4  # expansion takes the top qe_k - 1
@@ -46,7 +46,7 @@ def test_auto_builds_a_tuned_index_above_the_exact_limit(tmp_path, gallery, monk
     nlist = int(level.index_type[3:].split(",")[0])
     assert level.recall_at_k >= 0.95 or level.nprobe == nlist
 
-    exact = built(tmp_path / "exact", paths, "exact")
+    exact = built(tmp_path / "exact", paths, "exact", exact_max_n=1000)
     assert exact.levels[0].index is None and exact.levels[0].recall_at_k is None
 
     # oracle: served answers through the approximate expansion index against the exact build

@@ -8,20 +8,19 @@ from helpers import clustered_data, random_data
 from parity import assert_parity
 from reference import reference_aqe
 
-from index_builder.expansion import AqeParams, aqe_expand, expand_source
+from index_builder.expansion import AqeParams, Expansion, aqe_expand
 from index_builder.inputs import as_source
 
 
 def ours_with_sets(x: np.ndarray, qe_k: int, alpha: float, qe_times: int, block_size: int = 97):
-    sets: list[np.ndarray] = []
-    out, report = expand_source(
+    expansion = Expansion(
         as_source(x),
         AqeParams(qe_k=qe_k, alpha=alpha, qe_times=qe_times),
         block_size=block_size,
-        on_level=lambda t, u, norms, knn: sets.append(knn.ids.copy()),
         show_progress=False,
     )
-    return out, sets, report
+    sets = [level.knn.ids.copy() for level in expansion]
+    return expansion.expanded, sets, expansion.report
 
 
 GRID = [

@@ -10,7 +10,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from aqe_retrieval import artifact
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 from service.app import create_app
 from service.settings import Settings

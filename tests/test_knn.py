@@ -8,7 +8,8 @@ from helpers import clustered_data, random_data
 
 from aqe_retrieval.aqe import normalize_rows
 from aqe_retrieval.errors import KnnConfigError
-from index_builder.knn import KnnSpec, self_knn, set_recall
+from index_builder import knn
+from index_builder.knn import SYMMETRIC_MIN_N, KnnSpec, self_knn, set_recall, use_symmetric
 
 
 def brute_force(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +26,24 @@ def test_exact_self_knn_equals_brute_force(block_size):
     np.testing.assert_array_equal(res.ids, ids)
     np.testing.assert_allclose(res.sims, sims, atol=1e-5)
     assert res.recall is None
+
+
+def test_self_knn_uses_the_symmetric_kernel_by_size(monkeypatch):
+    calls = []
+    real = knn.symmetric_self_knn
+    # a spy, not a seam: which route self_knn took is not part of its result
+    monkeypatch.setattr(knn, "symmetric_self_knn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    assert not use_symmetric(SYMMETRIC_MIN_N - 1) and use_symmetric(SYMMETRIC_MIN_N)
+    assert use_symmetric(10, "symmetric") and not use_symmetric(10**7, "faiss")
+    u, _ = normalize_rows(random_data(300, 16, seed=5))
+    faiss_path = self_knn(u, 5, KnnSpec(exact_kernel="faiss"), 64)
+    assert not calls
+    sym_path = self_knn(u, 5, KnnSpec(exact_kernel="symmetric"), 64)
+    assert calls and sym_path.recall is None
+    np.testing.assert_array_equal(sym_path.ids, faiss_path.ids)
+    np.testing.assert_allclose(sym_path.sims, faiss_path.sims, atol=1e-6)
+    with pytest.raises(ValueError, match="exact_kernel"):
+        KnnSpec(exact_kernel="fast")
 
 
 def test_approximate_knn_reports_recall_against_exact():

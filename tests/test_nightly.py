@@ -17,7 +17,8 @@ import pytest
 from aqe_retrieval import artifact, errors
 from aqe_retrieval.status import staleness_seconds
 from index_builder import cli, nightly
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 
 N, D = 300, 16
@@ -154,7 +155,7 @@ def test_sigterm_is_recorded_as_a_failure(gallery: Path, tmp_path: Path) -> None
         "import signal, sys, time\n"
         "from pathlib import Path\n"
         "from index_builder import nightly\n"
-        "from index_builder.build import BuildConfig\n"
+        "from index_builder.config import BuildConfig\n"
         "signal.signal(signal.SIGTERM, nightly._raise_on_sigterm)\n"
         f"config = BuildConfig(gallery=Path({str(gallery)!r}), root=Path({str(root)!r}))\n"
         "sys.exit(nightly.run_nightly(config, build_fn=lambda c: time.sleep(60))[0])\n"
@@ -184,21 +185,6 @@ def test_old_versions_are_pruned(gallery: Path, tmp_path: Path) -> None:
         published.append(artifact.current_version(root))
     assert artifact.version_ids(root) == published[-2:]
     assert artifact.current_version(root) == published[-1]
-
-
-def test_read_status_tolerates_missing_and_corrupt(tmp_path: Path) -> None:
-    assert artifact.read_status(tmp_path) is None
-    artifact.status_path(tmp_path).write_text("{not json")
-    assert artifact.read_status(tmp_path) is None
-
-
-def test_staleness_seconds() -> None:
-    t = datetime(2025, 1, 2, 3, 0, tzinfo=UTC)
-    record = {"last_success": {"time": t.isoformat(), "version": "v"}}
-    assert staleness_seconds(record, t + timedelta(hours=1)) == 3600.0
-    assert staleness_seconds(record, (t + timedelta(seconds=5)).timestamp()) == 5.0
-    assert staleness_seconds({"last_success": None}, t) is None
-    assert staleness_seconds(None, t) is None
 
 
 def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from aqe_retrieval import artifact
-from index_builder.build import BuildConfig, build
+from index_builder.build import build
+from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 from service.app import create_app
 from service.middleware import BODY_ALLOWANCE, BYTES_PER_VALUE

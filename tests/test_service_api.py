@@ -163,7 +163,8 @@ def test_admin_routes_are_off_without_a_token(built_root):
 
 
 def test_alive_but_not_ready_until_a_version_appears(tmp_path, small_gallery):
-    from index_builder.build import BuildConfig, build
+    from index_builder.build import build
+    from index_builder.config import BuildConfig
 
     with TestClient(create_app(Settings(index_root=tmp_path, reload_interval_s=0.05))) as c:
         assert c.get("/healthz").status_code == 200
