@@ -23,7 +23,7 @@ from service.index_manager import IndexManager
 from service.info import gauge_state
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observe, body_limit
-from service.reload_requests import ReloadRequests
+from service.reloads import ReloadRequests
 from service.routes import add_routes
 from service.settings import Settings
 

@@ -197,9 +197,16 @@ def test_overload_is_shed_with_503_retry_after_within_the_deadline(shedding):
     assert health and max(health) < 1.0, max(health)
     text = httpx.get(f"{shedding}/metrics").text
     assert 'aqe_requests_total{route="/search",status="503"}' in text
-    # and the burst over, the service answers again
-    r = httpx.post(f"{shedding}/search", json={"embedding": [0.5] * 32, "k": 2})
-    assert r.status_code == 200, r.text
+    # and the burst over, the service answers again (once the searches still running finish)
+    wait_idle(shedding)
+
+
+def wait_idle(url: str) -> None:
+    """Until a small search is answered (what an overload left running or queued is done)."""
+    deadline = time.monotonic() + 10
+    while (r := httpx.post(f"{url}/search", json={"embedding": [0.5] * 32, "k": 2})).status_code != 200:
+        assert r.status_code == 503 and time.monotonic() < deadline, r.text
+        time.sleep(0.2)
 
 
 def raw_request(url: str, data: bytes) -> socket.socket:
@@ -211,6 +218,7 @@ def raw_request(url: str, data: bytes) -> socket.socket:
 
 def test_a_client_that_hangs_up_has_its_queued_search_dropped(shedding, small_gallery):
     x, _ = small_gallery
+    wait_idle(shedding)
     before = dropped(shedding)
     busy = threading.Thread(
         target=lambda: httpx.post(f"{shedding}/search", content=heavy_body(8000), headers=JSON, timeout=30)
