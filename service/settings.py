@@ -38,6 +38,27 @@ class Settings(BaseSettings):
         description="threads running batched searches (concurrent requests are "
         "gathered into one FAISS call per worker)",
     )
+    max_queue: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="requests waiting for a search thread, per queue (unfiltered, filtered); "
+        "past it a search is answered 503 with Retry-After",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="deadline of a search from when its handler starts (after its body is "
+        "read): 503 with Retry-After past it, and its queued work is dropped",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="time a client has to send a request's headers and body, from its first "
+        "byte (search-service's HTTP protocol); past it the connection is closed",
+    )
     verify_checksums: bool = Field(True, description="recompute checksums when loading a version")
     mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
@@ -71,6 +92,13 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():  # blank: the default
             return default_local_copy_dir()
         return value
+
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="set by search-service for AQE_WORKERS > 1 (a fresh private directory): "
+        "the workers' shared metrics files and reload counter; not a setting to give",
+    )
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -13,7 +14,7 @@ import pytest
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import QueryError
 from aqe_retrieval.searcher import Searcher
-from service.batcher import Batcher
+from service.batcher import Batcher, DeadlineExceeded, QueueFull
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +176,65 @@ def test_event_loop_callers_get_their_answers_and_may_give_up(searcher, small_ga
         if i != 5:
             want = searcher.search(x[i : i + 1], 3)
             assert [h.row for h in hits[0]] == [h.row for h in want[0]]
+
+
+def test_a_full_queue_refuses_and_a_late_job_is_dropped(searcher, small_gallery):
+    """At most max_queue requests wait; one still queued at its deadline is never searched."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, max_queue=2)
+    gate = threading.Event()
+    try:
+        held = batcher.submit(_Blocking(searcher, gate), x[:1], 2)
+        deadline = time.monotonic() + 5
+        while batcher.queued() and time.monotonic() < deadline:  # the worker took it
+            time.sleep(0.01)
+        late = batcher.submit(_Blocking(searcher, gate), x[1:2], 2, timeout_s=0.05)
+        batcher.submit(searcher, x[2:3], 2)
+        with pytest.raises(QueueFull, match="AQE_MAX_QUEUE"):
+            batcher.submit(searcher, x[3:4], 2)
+        time.sleep(0.1)
+        gate.set()
+        assert len(held.result(timeout=10)[0]) == 2
+        with pytest.raises(DeadlineExceeded):
+            late.result(timeout=10)
+        assert len(batcher.search(searcher, x[4:5], 2)[0]) == 2
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_an_expensive_filter_never_holds_back_unfiltered_requests(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+    try:
+        slow = batcher.submit(_Blocking(searcher, gate), x[:1], 2, filters={"camera": 1})
+        fast = batcher.submit(searcher, x[1:2], 2)
+        assert len(fast.result(timeout=5)[0]) == 2 and not slow.done()
+        gate.set()
+        assert len(slow.result(timeout=10)[0]) == 2
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_an_event_loop_caller_is_answered_at_its_deadline(searcher, small_gallery):
+    """A search running past the deadline does not hold its caller; the worker goes on."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit_async(_Blocking(searcher, gate), x[:1], 2, timeout_s=0.1)
+        waited = time.monotonic() - t0
+        gate.set()
+        return waited, await batcher.submit_async(searcher, x[1:2], 2, timeout_s=5)
+
+    try:
+        waited, hits = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.close()
+    assert 0.09 <= waited < 1 and len(hits[0]) == 2

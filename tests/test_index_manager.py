@@ -27,6 +27,10 @@ from service.index_manager import IndexManager
 from service.settings import Settings, default_local_copy_dir
 
 
+ADMIN_TOKEN = "adm1n"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
 def build(root: Path, paths: dict[str, Path]) -> str:
     args = ["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--qe-k", "5", "--no-progress"]
     assert builder([*args, "--ids", str(paths["ids"]), "--metadata", str(paths["metadata"])]) == 0
@@ -44,6 +48,7 @@ def service(root: Path, local: Path, log: Path, ready: bool = True) -> Iterator[
         "AQE_PORT": str(port),
         "AQE_RELOAD_INTERVAL_S": "0.2",
         "AQE_LOCAL_COPY_DIR": str(local),
+        "AQE_ADMIN_TOKEN": ADMIN_TOKEN,  # /info shows reload failure texts to the admin only
     }
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=out, stderr=out)
@@ -128,11 +133,13 @@ def test_the_served_version_survives_its_shared_files_being_truncated_replaced_a
         artifact.set_current(root, bad)
 
         def refused() -> bool:
-            failure = httpx.get(f"{url}/info").json()["last_reload_failure"]
+            failure = httpx.get(f"{url}/info", headers=ADMIN).json()["last_reload_failure"]
             return failure is not None and failure["version"] == bad
 
         wait_for(refused, "the damaged version was not refused")
-        assert "serving.faiss" in httpx.get(f"{url}/info").json()["last_reload_failure"]["error"]
+        assert (
+            "serving.faiss" in httpx.get(f"{url}/info", headers=ADMIN).json()["last_reload_failure"]["error"]
+        )
         answers_from(url, x, first)
         assert artifact.version_ids(local) == [first]  # the refused copy was not kept
 
@@ -152,7 +159,7 @@ def test_a_damaged_current_version_is_a_503_with_the_reason_until_a_good_one_app
         r = search(url, x)
         assert r.status_code == 503 and r.json()["detail"]
         assert httpx.get(f"{url}/readyz").status_code == 503
-        failure = httpx.get(f"{url}/info").json()["last_reload_failure"]
+        failure = httpx.get(f"{url}/info", headers=ADMIN).json()["last_reload_failure"]
         assert failure["version"] == bad and "serving.faiss" in failure["error"]
         good = build(root, paths)
         wait_for(lambda: search(url, x).status_code == 200, "the good version was not loaded")

@@ -142,11 +142,12 @@ def version_bytes(root, version: str | None) -> int:
 def test_a_version_over_the_memory_budget_is_refused_at_start_up(built_root):
     version = artifact.current_version(built_root)
     size = version_bytes(built_root, version)
-    s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size - 1)
+    s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size - 1, admin_token="t")
     with TestClient(create_app(s)) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503
-        failure = c.get("/info").json()["last_reload_failure"]
+        # the error text is for admins only
+        failure = c.get("/info", headers={"Authorization": "Bearer t"}).json()["last_reload_failure"]
         assert failure["version"] == version
         assert "AQE_MAX_INDEX_BYTES" in failure["error"] and str(size) in failure["error"]
     s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size)
