@@ -26,7 +26,6 @@ from index_builder.cli import main as builder
 from service.index_manager import IndexManager
 from service.settings import Settings, default_local_copy_dir
 
-
 ADMIN_TOKEN = "adm1n"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
