@@ -307,6 +307,8 @@ json "$WORK/search1.json" 'all(a["score"] >= b["score"] for a, b in zip(d["resul
 curl -fsS -m 5 "$URL/info" -o "$WORK/info1.json"
 [ "$(json "$WORK/info1.json" 'd["index_version"]')" = "$v1" ] || fail "/info is not on $v1"
 curl -fsS -m 5 "$URL/metrics" | grep -E '^aqe_ready 1(\.0)?$' >/dev/null || fail "/metrics: aqe_ready"
+compose exec -T search sh -c "test -f /data/local-copy/versions/$v1/manifest.json" \
+    || fail "the service does not serve $v1 from its private copy in /data/local-copy"
 
 step "build job #2 under a loop of searches"
 mkdir -p "$WORK/load"

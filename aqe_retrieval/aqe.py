@@ -1,6 +1,6 @@
 """Alpha-weighted query expansion (AQE): the pure numpy math.
 
-Semantics are those of fast-reid's ``aqe`` (see ``shared/AQE.md``):
+Semantics are those of fast-reid's ``aqe`` (see ``docs/AQE.md``):
 
 * rows are compared by cosine: ``U = X / max(||X||, 1e-12)``;
 * a row's neighbour set is its top ``qe_k`` rows by cosine, **itself included**;

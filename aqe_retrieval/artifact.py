@@ -17,16 +17,19 @@
       .staging-<version>-<pid>/     a version being written (never read by a loader)
         .scratch/                   the build's temporary memory-mapped arrays (removed before publishing)
       nightly_status.json           the scheduled job's last run (aqe_retrieval.status)
-      .build.lock                   held by a running scheduled build
+      .build.lock                   held by every writer: build, nightly, rollback
 
 A version is written into a staging directory, fsynced, renamed into ``versions/`` and only then
 made ``current`` by an atomic replace of the pointer file: a reader sees the old version or the
-new one, never half of one. Nothing is pickled: arrays are ``.npy`` loaded with
+new one, never half of one. Every writer holds :func:`build_lock` (an exclusive ``flock``) while
+it writes, so leftovers of a killed writer are removed by the next one that holds the lock,
+whatever host or container it ran on. Nothing is pickled: arrays are ``.npy`` loaded with
 ``allow_pickle=False``, indexes FAISS's own format.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,6 +37,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,7 +50,7 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
-from aqe_retrieval.errors import ArtifactError
+from aqe_retrieval.errors import ArtifactError, LockedError
 from aqe_retrieval.manifest import (
     FORMAT_VERSION,
     LEVEL_DTYPES,
@@ -102,8 +107,55 @@ def status_path(root: Path) -> Path:
 
 
 def lock_path(root: Path) -> Path:
-    """The lock file a scheduled build holds so that two runs never overlap."""
+    """The lock file every writer of ``root`` holds (:func:`build_lock`)."""
     return root / LOCK
+
+
+_held: dict[str, int] = {}  # resolved root -> the thread of this process that holds its lock
+_held_guard = threading.Lock()
+_live_staging: set[Path] = set()  # staging directories this process is writing
+
+
+@contextmanager
+def build_lock(root: Path) -> Iterator[None]:
+    """Hold the build lock of ``root`` (non-blocking); raises :class:`LockedError` if taken.
+
+    Every writer takes it: ``index-builder build``, ``nightly`` and ``rollback`` (and
+    :func:`staging`, for Python callers). Re-entrant in the thread that holds it; another
+    thread or process is refused. An ``flock`` is released by the kernel when its holder dies,
+    so a killed build never leaves a stale lock; across hosts it needs a filesystem that
+    shares ``flock`` (NFSv4 and cluster filesystems do).
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    key, me = str(root.resolve()), threading.get_ident()
+    with _held_guard:
+        mine = _held.get(key) == me
+    if mine:
+        yield
+        return
+    path = lock_path(root)
+    # O_CREAT without O_TRUNC: a refused run must not alter the holder's lock file.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise LockedError(
+                f"{root}: another build holds {path.name} ({holder}); try again when it has finished"
+            ) from None
+        os.ftruncate(fd, 0)
+        since = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        with _held_guard:
+            _held[key] = me
+        try:
+            yield
+        finally:
+            with _held_guard:
+                _held.pop(key, None)
+    finally:
+        os.close(fd)  # closing releases the lock; the file stays so that it is never raced
 
 
 def new_version_id() -> str:
@@ -267,33 +319,48 @@ class Staging:
 
 @contextmanager
 def staging(root: Path) -> Iterator[Staging]:
-    """A fresh staging directory under ``root``; removed again unless it was published."""
+    """A fresh staging directory under ``root``, written under :func:`build_lock`.
+
+    Leftovers of earlier writers are removed first; the directory is removed again unless it
+    was published.
+    """
     root.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(root)
-    stage = Staging(root)
-    stage.path.mkdir()
-    try:
-        yield stage
-    finally:
-        if stage.path.exists():
-            shutil.rmtree(stage.path, ignore_errors=True)
+    with build_lock(root):
+        clean_stale_staging(root)
+        stage = Staging(root)
+        stage.path.mkdir()
+        _live_staging.add(stage.path)
+        try:
+            yield stage
+        finally:
+            _live_staging.discard(stage.path)
+            if stage.path.exists():
+                shutil.rmtree(stage.path, ignore_errors=True)
 
 
 def clean_stale_staging(root: Path) -> list[Path]:
-    """Remove staging directories left by builds whose process is gone; returns them."""
-    removed = []
-    leftovers = [*root.glob(f"{STAGING_PREFIX}*"), *root.glob(".*.tmp-*")]
-    for p in leftovers:
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
-            continue
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        removed.append(p)
-        logger.info("removed leftover %s", p.name)
-    return removed
+    """Remove the staging directories and temporary files writers left behind; returns them.
+
+    Runs under :func:`build_lock`. Every writer holds that lock while it writes, so whoever
+    holds it knows that no other writer is alive: every leftover but this process's own live
+    staging directory is removed, whichever host, container or PID made it (a PID means
+    nothing across containers or hosts). When another process holds the lock, it is the live
+    writer and nothing is removed.
+    """
+    try:
+        with build_lock(root):
+            leftovers = [*root.glob(f"{STAGING_PREFIX}*"), *root.glob(".*.tmp-*")]
+            removed = [p for p in leftovers if p not in _live_staging]
+            for p in removed:
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                logger.info("removed leftover %s", p.name)
+            return removed
+    except LockedError:
+        logger.info("%s: a writer holds the lock; its leftovers are its own", root)
+        return []
 
 
 def set_current(root: Path, version: str) -> None:
@@ -365,6 +432,73 @@ def read_manifest(root: Path, version: str) -> Manifest:
     return manifest
 
 
+def version_dir(root: Path, version: str) -> Path:
+    """The directory of one published version under ``root``."""
+    return root / VERSIONS / check_version_id(version)
+
+
+def copy_version(root: Path, version: str, dest: Path, *, check: bool = True) -> Manifest:
+    """Copy every file of ``version`` into the new directory ``dest``, verifying as it copies.
+
+    With ``check`` each file's SHA-256 is computed from the bytes being copied (no second read)
+    and compared with the manifest; sizes are always compared. Files are fsynced. Raises
+    :class:`ArtifactError` naming every damaged file; ``dest`` is then incomplete, and the
+    caller removes it. Memory: one 4 MiB buffer (the data passes through the page cache).
+    """
+    manifest = read_manifest(root, version)
+    base = version_dir(root, version)
+    dest.mkdir()
+    problems = []
+    for name, entry in [*manifest.files.items(), (MANIFEST, None)]:
+        try:
+            size, digest = _copy_file(base / name, dest / name, check and entry is not None)
+        except FileNotFoundError:
+            problems.append(f"{name}: missing")
+            continue
+        except OSError as exc:
+            problems.append(f"{name}: unreadable ({exc})")
+            continue
+        if entry is None:
+            continue
+        if size != entry.bytes:
+            problems.append(f"{name}: {size} bytes, manifest says {entry.bytes}")
+        elif check and digest != entry.sha256:
+            problems.append(f"{name}: checksum mismatch")
+    if problems:
+        raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
+    if (dest / MANIFEST).read_bytes() != manifest_bytes(root, version):
+        raise ArtifactError(f"version {version}: its manifest changed while it was copied")
+    _fsync(dest)
+    return manifest
+
+
+def manifest_bytes(root: Path, version: str) -> bytes:
+    """The raw manifest file of ``version`` (to tell whether two copies are the same version)."""
+    try:
+        return (version_dir(root, version) / MANIFEST).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"version {version}: no readable manifest ({exc})") from exc
+
+
+def _copy_file(src: Path, dst: Path, digest: bool) -> tuple[int, str | None]:
+    h = hashlib.sha256() if digest else None
+    buf = bytearray(1 << 22)
+    view = memoryview(buf)
+    size = 0
+    with src.open("rb", buffering=0) as fin, dst.open("xb", buffering=0) as fout:
+        while n := fin.readinto(buf):
+            if h is not None:
+                h.update(view[:n])
+            done = 0
+            while done < n:  # an unbuffered write may be short
+                done += fout.write(view[done:n])
+            size += n
+        os.fsync(fout.fileno())
+        if hasattr(os, "posix_fadvise"):  # the shared file's pages are not needed again
+            os.posix_fadvise(fin.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return size, h.hexdigest() if h is not None else None
+
+
 def verify(root: Path, version: str | None = None) -> list[str]:
     """Recompute every file's checksum; returns the problems found (empty when intact)."""
     version = version or current_version(root)
@@ -385,21 +519,27 @@ def verify(root: Path, version: str | None = None) -> list[str]:
 
 
 def rollback(root: Path, version: str | None = None) -> str:
-    """Make ``version`` (default: the one published before the current) current again."""
-    current = current_version(root)
-    versions = version_ids(root)
-    if version is None:
-        older = [v for v in versions if current is None or v < current]
-        if not older:
-            raise ArtifactError(f"{root}: no version older than {current} to roll back to")
-        version = older[-1]
-    if check_version_id(version) not in versions:
-        raise ArtifactError(f"{root}: no version {version!r}")
-    problems = verify(root, version)
-    if problems:
-        raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
-    set_current(root, version)
-    return version
+    """Make ``version`` (default: the one published before the current) current again.
+
+    Holds :func:`build_lock`, so it never races a build's publish or prune.
+    """
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: no such index root")
+    with build_lock(root):
+        current = current_version(root)
+        versions = version_ids(root)
+        if version is None:
+            older = [v for v in versions if current is None or v < current]
+            if not older:
+                raise ArtifactError(f"{root}: no version older than {current} to roll back to")
+            version = older[-1]
+        if check_version_id(version) not in versions:
+            raise ArtifactError(f"{root}: no version {version!r}")
+        problems = verify(root, version)
+        if problems:
+            raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
+        set_current(root, version)
+        return version
 
 
 @dataclass
@@ -540,13 +680,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -10,6 +10,7 @@ error                      raised when                                       exi
 :class:`KnnConfigError`    a kNN or index setting FAISS cannot use            2     400
 :class:`QueryError`        a query the searcher cannot answer as asked        2     400
 :class:`FilterError`       a metadata filter names an unknown column or op    2     400
+:class:`UnknownIdError`    a gallery id the served version does not hold      2     404
 :class:`ArtifactError`     an index root or version is missing or damaged     1     503
 :class:`LockedError`       another build holds the index root's lock          3     409
 :class:`QualityGateError`  a build failed its quality gate; nothing published 4     500
@@ -42,6 +43,10 @@ class FilterError(AqeError, ValueError):
     """A metadata filter the searcher cannot apply (unknown column, operator or value type)."""
 
 
+class UnknownIdError(AqeError, LookupError):
+    """A gallery id (or row number) that the served version does not hold."""
+
+
 class ArtifactError(AqeError):
     """An artifact or index root is missing, incomplete, corrupt or of another format."""
 
@@ -68,6 +73,7 @@ _CODES: tuple[tuple[type[BaseException], int, int], ...] = (
     (QualityGateError, EXIT_REFUSED, 500),
     (LockedError, EXIT_LOCKED, 409),
     (ArtifactError, EXIT_FAILED, 503),
+    (UnknownIdError, EXIT_BAD_INPUT, 404),
     (InputError, EXIT_BAD_INPUT, 400),
     (KnnConfigError, EXIT_BAD_INPUT, 400),
     (QueryError, EXIT_BAD_INPUT, 400),

@@ -6,6 +6,7 @@ parameters and id selectors travel with each ``search`` call.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import faiss
@@ -48,6 +49,45 @@ def exact_knn_blocks(
         heap.add_result(sims, np.where(ids >= 0, ids + lo, -1))
     heap.finalize()
     return heap.D, heap.I
+
+
+def search_by_lists(index: Any, xq: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search(xq, k)`` at ``nprobe`` for an inner-product IVF index, one list at a time.
+
+    Each probed list is read once for all the queries that probe it (``search_preassigned``),
+    instead of once per query: with on-disk lists larger than the page cache, the per-query
+    scan re-reads every list from disk (measured: 200 s for 1,000 recall queries at nprobe 8
+    over 104,000 x 256 under a 96 MiB cgroup). Same candidates, so the same results (ties
+    apart). Indexes wrapped in a transform are searched the ordinary way.
+    """
+    if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return index.search(xq, k, params=search_parameters(index, nprobe, None))
+    ivf: Any = faiss.downcast_index(index)  # untyped: the stubs mistype the numpy wrappers
+    xq = np.ascontiguousarray(xq, dtype=np.float32)
+    probes = min(nprobe or ivf.nprobe, ivf.nlist)
+    centroid_sims, assign = ivf.quantizer.search(xq, probes)
+    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
+    rows, slots = np.nonzero(assign >= 0)
+    lists = assign[rows, slots]
+    order = np.argsort(lists, kind="stable")
+    rows, slots, lists = rows[order], slots[order], lists[order]
+    bounds = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1], True])
+    for lo, hi in itertools.pairwise(bounds):
+        qs = rows[lo:hi]
+        sims, ids = ivf.search_preassigned(
+            xq[qs], k, assign[qs, slots[lo:hi]][:, None], centroid_sims[qs, slots[lo:hi]][:, None]
+        )
+        heap.add_result_subset(qs, sims, ids)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def has_ondisk_lists(index: Any) -> bool:
+    """Whether ``index`` is an IVF index whose inverted lists are on disk (``.ivfdata``)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(
+        _faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists
+    )
 
 
 def search_parameters(index: Any, nprobe: int | None, ef_search: int | None) -> Any:

@@ -29,6 +29,17 @@ class MetadataColumn(BaseModel):
     file: str
 
 
+class IndexCandidate(BaseModel):
+    """One index configuration an ``auto`` choice measured (fields added after format 1 began)."""
+
+    method: str
+    nprobe: int | None = None
+    ef_search: int | None = None
+    recall_at_k: float | None = None  # on held-out, online-expanded queries, against exact
+    ms_per_query: float | None = None  # median of single-query searches, 1 FAISS thread
+    bytes: int | None = None  # the index's size in memory
+
+
 class LevelEntry(BaseModel):
     level: int
     rows: str
@@ -41,6 +52,10 @@ class LevelEntry(BaseModel):
     ef_search: int | None = None
     recall_at_k: float | None = None  # of ``index`` at ``nprobe`` against exact, on a sample
     recall_k: int | None = None
+    # optional since they were added: how ``--expansion-index auto`` chose ``index``
+    recall_target: float | None = None
+    below_target: bool = False
+    candidates: list[IndexCandidate] = Field(default_factory=list)
 
 
 class ServingIndexEntry(BaseModel):
@@ -53,6 +68,14 @@ class ServingIndexEntry(BaseModel):
     recall_at_k: float | None = None
     recall_k: int | None = None
     recall_sample: int = 0
+    # optional since they were added: what ``auto`` measured and tried
+    recall_queries: str | None = None  # "held-out": gallery rows expanded online against the rest
+    recall_target: float | None = None
+    below_target: bool = False
+    ms_per_query: float | None = None
+    bytes: int | None = None
+    selection_seconds: float | None = None
+    candidates: list[IndexCandidate] = Field(default_factory=list)
 
 
 class Manifest(BaseModel):
@@ -70,6 +93,8 @@ class Manifest(BaseModel):
     knn: dict[str, Any]
     graph_recall: float | None = None
     graph_recall_sample: int = 0
+    graph_recall_target: float | None = None
+    graph_below_target: bool = False
     levels: list[LevelEntry]
     serving_index: ServingIndexEntry
     ids_file: str | None = None

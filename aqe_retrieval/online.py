@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from aqe_retrieval import aqe
-from aqe_retrieval.faiss_search import exact_knn_blocks, search_parameters
+from aqe_retrieval.faiss_search import exact_knn_blocks, has_ondisk_lists, search_by_lists, search_parameters
 
+BY_LISTS_MIN = 32
+"""From this many queries at once, a level index with on-disk lists is searched list by list."""
 NeighbourSearch = Callable[[np.ndarray, int], np.ndarray]
 """``(u (q, d) normalised queries, k) -> ids (q, k)``: a level's top-k gallery rows."""
 
@@ -47,9 +49,13 @@ def gallery_level(
     if index is None:
         return GalleryLevel(rows, norms, lambda u, k: exact_knn_blocks(u, rows, k)[1])
     params = search_parameters(index, nprobe, ef_search)
+    ondisk = has_ondisk_lists(index)
 
     def search(u: np.ndarray, k: int) -> np.ndarray:
-        ids = index.search(u, k, params=params)[1]
+        if ondisk and len(u) >= BY_LISTS_MIN:  # read each probed list once for the whole batch
+            ids = search_by_lists(index, u, k, nprobe)[1]
+        else:
+            ids = index.search(u, k, params=params)[1]
         if (ids < 0).any():  # an approximate index came back short: answer exactly
             ids = exact_knn_blocks(u, rows, k)[1]
         return ids
@@ -58,7 +64,7 @@ def gallery_level(
 
 
 def expand_online(queries: np.ndarray, levels: list[GalleryLevel], qe_k: int, alpha: float) -> np.ndarray:
-    """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (AQE.md).
+    """Serving-mode AQE of raw queries (q, d) -> (q, d) float32, un-normalised (``docs/AQE.md``).
 
     Round t expands against level t - 1: the query itself (weight 1) plus its top ``qe_k - 1``
     rows of that level, ``q <- (q + sum_j s_j ** alpha * G_j) / qe_k`` with ``G_j`` raw rows

@@ -6,20 +6,25 @@ succeeded: a failure anywhere leaves ``current`` and the previous versions as th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 
 from aqe_retrieval import aqe, artifact
 from index_builder import budget
 from index_builder.config import AUTO, BuildConfig, ServingSpec
-from index_builder.expansion import AqeParams, Expansion, Level
-from index_builder.gate import quality_gate, quality_inputs
-from index_builder.inputs import EmbeddingSource, fingerprint, open_embeddings, read_ids, read_metadata
-from index_builder.knn import KnnSpec, index_size
+from index_builder.expansion import AqeParams, Expansion, ExpansionReport, Level
+from index_builder.gate import QualityInputs, quality_gate, quality_inputs
+from index_builder.graph_auto import GRAPH_EXACT_MAX_N, below_target, graph_nlist
+from index_builder.heldout import QuerySample, expanded_queries
+from index_builder.inputs import EmbeddingSource, fingerprint, gallery_ids, gallery_metadata, open_embeddings
+from index_builder.knn import EXACT, KnnSpec, index_size, sample_rows, use_batch_lists
 from index_builder.ondisk import OnDiskLists
 from index_builder.pool import worker_count
 from index_builder.serving import build_serving_index, choose_serving_method, expansion_index
@@ -34,9 +39,9 @@ def build(config: BuildConfig) -> artifact.Manifest:
         faiss.omp_set_num_threads(config.threads)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    source = open_embeddings(config.gallery)
-    ids = read_ids(config.ids, source.n) if config.ids else None
-    metadata = read_metadata(config.metadata, source.n) if config.metadata else {}
+    source = open_embeddings(config.gallery, config.columns)
+    ids = gallery_ids(source, config.ids)
+    metadata = gallery_metadata(source, config.metadata)
     checks = quality_inputs(config.quality, source, metadata) if config.quality else None
     input_info = input_record(config, source)
     timings["inputs"] = time.perf_counter() - t0
@@ -77,8 +82,10 @@ def build(config: BuildConfig) -> artifact.Manifest:
             plan=plan,
             store=store,
         )
+        graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] = []
         for level in expansion:
             save_level(stage, level, config, plan)
+            graphs.append((level.knn.spec, level.knn.tried))
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
         timings["expand"] = time.perf_counter() - t1
@@ -90,11 +97,13 @@ def build(config: BuildConfig) -> artifact.Manifest:
         aqe.normalize_rows_inplace(
             u, plan.block_size, out=store.empty("expanded_norms", (source.n,), "float32")
         )
+        queries = serving_queries(stage, u, report, config, checks)
         index, serving_entry = build_serving_index(
             u,
             config.serving,
             plan.block_size,
             config.show_progress,
+            queries=queries,
             lists=ondisk_lists(stage, plan, stage.serving_ivfdata_path()),
             flat_limit=None if plan.resident else plan.budget.bytes - budget.BASE_BYTES,
         )
@@ -104,7 +113,8 @@ def build(config: BuildConfig) -> artifact.Manifest:
         quality = None
         if config.quality is not None and checks is not None:
             t4 = time.perf_counter()
-            quality = quality_gate(stage, u, report, config.params.alpha, config.quality.gate, checks)
+            gate = replace(config.quality.gate, graph_recall_target=config.knn.recall_target)
+            quality = quality_gate(stage, u, report, config.params.alpha, gate, checks)
             timings["quality"] = time.perf_counter() - t4
         del u, expansion  # the expanded rows are staged: release them before publishing
 
@@ -122,8 +132,10 @@ def build(config: BuildConfig) -> artifact.Manifest:
             effective_qe_k=report.effective_qe_k,
             alpha=config.params.alpha,
             qe_times=config.params.qe_times,
-            knn=knn_record(config.knn),
+            knn=knn_record(config.knn, source.d, graphs),
             graph_recall=report.graph_recall,
+            graph_recall_target=config.knn.recall_target if report.graph_recall is not None else None,
+            graph_below_target=below_target(report.graph_recall, config.knn.recall_target),
             graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
             input=input_info,
             timings_s={k: round(v, 3) for k, v in timings.items()},
@@ -143,6 +155,7 @@ def save_level(
     index, if any, is kept. Out of core (``plan``), the level's own index has on-disk lists.
     """
     graph = level.knn
+    ran = graph.spec or config.knn  # what ran, ``--knn auto`` resolved
     index, entry = None, None
     if graph.index is None and config.expansion_index == AUTO:
         lists = ondisk_lists(stage, plan, stage.level_ivfdata_path(level.number))
@@ -155,19 +168,23 @@ def save_level(
             index=index,
             index_type=entry.spec,
             nprobe=entry.nprobe,
+            ef_search=entry.ef_search,
             recall_at_k=entry.recall_at_k,
             recall_k=entry.recall_k,
             dtype=config.level_dtype,
         )
+        saved = stage.levels[-1]  # the auto choice's record (Staging.save_level predates it)
+        saved.recall_target, saved.below_target = entry.recall_target, entry.below_target
+        saved.candidates = entry.candidates
     else:
         stage.save_level(
             level.number,
             level.rows,
             level.norms,
             index=graph.index,
-            index_type="exact" if graph.index is None else config.knn.method,
-            nprobe=config.knn.nprobe,
-            ef_search=config.knn.ef_search,
+            index_type="exact" if graph.index is None else ran.method,
+            nprobe=ran.nprobe,
+            ef_search=ran.ef_search,
             recall_at_k=graph.recall,
             recall_k=config.params.qe_k,
             dtype=config.level_dtype,
@@ -189,7 +206,10 @@ def workload(
     picks one (:func:`~index_builder.serving.expansion_index`).
     """
     k = aqe.effective_qe_k(params.qe_k, n)
-    knn = None if knn_spec.exact else index_size(knn_spec.method, n, d, knn_spec.train_size)
+    method = knn_spec.method
+    if method.lower() == AUTO:  # as graph_auto resolves it
+        method = EXACT if n <= GRAPH_EXACT_MAX_N else f"IVF{graph_nlist(n)},Flat"
+    knn = None if method.lower() in (EXACT, "flat") else index_size(method, n, d, knn_spec.train_size)
     if knn is None and serving_spec is not None and expansion_index:
         method = choose_serving_method(n, d, serving_spec.memory_budget_gib, serving_spec.exact_max_n)[0]
         knn = None if method == "exact" else index_size(method, n, d)
@@ -215,7 +235,7 @@ def workload(
         train_rows=max((s.train_rows for s in ivfs), default=0),
         nlist=max((s.nlist for s in ivfs), default=0),
         code_size=max((s.code_size for s in ivfs), default=0),
-        nprobe=(knn_spec.nprobe or 1) if knn_spec.batch_lists else 0,
+        nprobe=(knn_spec.nprobe or 1) if knn is not None and knn_spec.batch_lists is not False else 0,
     )
 
 
@@ -241,24 +261,64 @@ def ondisk_lists(stage: artifact.Staging, plan: budget.Plan | None, ivfdata: Pat
 
 def input_record(config: BuildConfig, source: EmbeddingSource) -> dict[str, Any]:
     """The manifest's ``input`` record: the files read, their dtype, shards and fingerprint."""
-    files = [*source.paths, *(p for p in (config.ids, config.metadata) if p)]
+    files = [*source.files, *(p for p in (config.ids, config.metadata) if p)]
     return {
         "gallery": str(config.gallery),
         "ids": str(config.ids) if config.ids else None,
         "metadata": str(config.metadata) if config.metadata else None,
         "dtype": str(source.dtype),
         "shards": len(source.paths),
+        "columns": dataclasses.asdict(source.columns) if source.columns else None,
         "fingerprint": fingerprint(files),
     }
 
 
-def knn_record(spec: KnnSpec) -> dict[str, Any]:
-    """The manifest's ``knn`` record: how the neighbour graph was found."""
-    return {
-        "method": "exact" if spec.exact else spec.method,
-        "nprobe": spec.nprobe,
-        "ef_search": spec.ef_search,
+def knn_record(
+    spec: KnnSpec, d: int, graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] | None = None
+) -> dict[str, Any]:
+    """The manifest's ``knn`` record: how the neighbour graph was found (``auto`` resolved).
+
+    ``graphs``: per round, the spec that ran and what ``auto`` tried. With ``auto``,
+    ``method``/``nprobe`` are the first round's, and ``auto`` lists every round's.
+    """
+    ran = (graphs[0][0] if graphs else None) or spec
+    record: dict[str, Any] = {
+        "method": "exact" if ran.exact else ran.method,
+        "nprobe": ran.nprobe,
+        "ef_search": ran.ef_search,
         "train_size": spec.train_size,
         "recall_sample": spec.recall_sample,
         "seed": spec.seed,
+        "batch_lists": ran.method.lower() != AUTO and use_batch_lists(ran, d),
+        "recall_target": spec.recall_target,
     }
+    if spec.method.lower() == AUTO and graphs:
+        record["requested"] = AUTO
+        record["auto"] = [
+            {"method": r.method if r else None, "nprobe": r.nprobe if r else None, "tried": list(tried)}
+            for r, tried in graphs
+        ]
+    return record
+
+
+def serving_queries(
+    stage: artifact.Staging,
+    u: np.ndarray,
+    report: ExpansionReport,
+    config: BuildConfig,
+    checks: QualityInputs | None,
+) -> QuerySample | None:
+    """Queries the serving index is measured with, as they arrive: expanded online (None: exact).
+
+    ``--quality-queries`` when given, else held-out gallery rows (``index_builder.heldout``).
+    """
+    serving = config.serving
+    if serving.method.lower() == "exact":
+        return None
+    levels = stage.load_levels(u.shape[0], u.shape[1])
+    qe_k, alpha = report.effective_qe_k, config.params.alpha
+    if checks is not None and config.quality is not None and config.quality.queries is not None:
+        return expanded_queries(levels, qe_k, alpha, raw=checks.xq[: serving.recall_sample])
+    return expanded_queries(
+        levels, qe_k, alpha, rows=sample_rows(u.shape[0], serving.recall_sample, serving.seed)
+    )

@@ -1,8 +1,8 @@
 """``index-builder``: expand features, build and publish indexes, manage versions.
 
 Exit status: 0 success, 2 bad input or arguments (nothing written or published), 1 any other
-failure (nothing published), 3 (nightly) another run holds the root's lock, 4 the quality gate
-refused the build (nothing published).
+failure (nothing published), 3 another build, nightly or rollback holds the root's lock (nothing
+changed), 4 the quality gate refused the build (nothing published).
 """
 
 from __future__ import annotations
@@ -25,10 +25,21 @@ from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder import nightly
 from index_builder.budget import bound_malloc, detect_budget, parse_size, plan_build
 from index_builder.build import build, workload
-from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
+from index_builder.config import (
+    AUTO,
+    AUTO_EXACT_MAX_N,
+    EXPANSION_INDEXES,
+    SERVING_KINDS,
+    SERVING_RECALL_TARGET,
+    BuildConfig,
+    GateSpec,
+    QualitySpec,
+    ServingSpec,
+)
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
-from index_builder.inputs import open_embeddings, read_metadata
-from index_builder.knn import EXACT_KERNELS, SYMMETRIC_MIN_N, KnnSpec
+from index_builder.graph_auto import GRAPH_EXACT_MAX_N
+from index_builder.inputs import ParquetColumns, open_embeddings, read_metadata
+from index_builder.knn import EXACT_KERNELS, GRAPH_RECALL_TARGET, SYMMETRIC_MIN_N, KnnSpec
 from index_builder.storage import ArrayStore
 
 logger = logging.getLogger("index_builder")
@@ -48,6 +59,14 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = sorted(set(kinds) - set(SERVING_KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown kinds {unknown}; choose among {','.join(SERVING_KINDS)}")
+    return kinds
+
+
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("query expansion")
     g.add_argument(
@@ -61,8 +80,17 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("kNN graph")
     g.add_argument(
         "--knn",
-        default="exact",
-        help="'exact' (default) or a FAISS factory string, e.g. 'IVF4096,Flat', 'HNSW32'",
+        default=AUTO,
+        help=f"'auto' (default: exact up to {GRAPH_EXACT_MAX_N} rows, else an IVF graph with nprobe "
+        "tuned to --graph-recall-target), 'exact', or a FAISS factory string, e.g. 'IVF4096,Flat'",
+    )
+    g.add_argument(
+        "--graph-recall-target",
+        type=float,
+        default=GRAPH_RECALL_TARGET,
+        help="graph recall (top-qe_k sets vs exact kNN on --recall-sample rows) --knn auto tunes "
+        "for; any graph below it is a warning, and a refusal with the quality gate on "
+        f"(default {GRAPH_RECALL_TARGET})",
     )
     g.add_argument("--nprobe", type=_positive_int, help="IVF lists probed per search")
     g.add_argument("--ef-search", type=_positive_int, help="HNSW efSearch")
@@ -87,9 +115,11 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--batch-lists",
-        action="store_true",
-        help="with --knn 'IVF<nlist>,Flat': search list by list, one GEMM per inverted "
-        "list (same neighbours as row-by-row search at the same --nprobe, faster)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with an 'IVF<nlist>,Flat' graph: search list by list, one GEMM per inverted list "
+        "(same neighbours as row-by-row search at the same --nprobe, faster; the default for "
+        "such graphs); --no-batch-lists searches row by row",
     )
     g = p.add_argument_group("resources")
     g.add_argument(
@@ -109,15 +139,26 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gallery", type=Path, required=True, help=".npy file or shard directory")
+    p.add_argument(
+        "--gallery", type=Path, required=True, help=".npy or Parquet file, or a directory of either's shards"
+    )
     p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
+    _add_parquet_options(p)
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
     p.add_argument(
         "--serving-index",
         default="exact",
-        help="'exact' (default), 'auto' (exact when small, else IVF within "
+        help="'exact' (default), 'auto' (exact up to "
+        f"{AUTO_EXACT_MAX_N} rows, else the fastest of --serving-candidates whose recall@10 "
+        "on held-out, online-expanded queries meets --serving-recall-target within "
         "--serving-memory-budget-gib) or a FAISS factory string for the served index",
+    )
+    p.add_argument(
+        "--serving-candidates",
+        type=_kinds,
+        default=SERVING_KINDS,
+        help=f"--serving-index auto: comma-separated kinds to try (default {','.join(SERVING_KINDS)})",
     )
     p.add_argument("--serving-nprobe", type=_positive_int, help="nprobe of the served index")
     p.add_argument("--serving-ef-search", type=_positive_int, help="efSearch of the served index")
@@ -130,8 +171,9 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serving-recall-target",
         type=float,
-        default=0.95,
-        help="--serving-index auto: smallest nprobe reaching this recall@10 (default 0.95)",
+        default=SERVING_RECALL_TARGET,
+        help="--serving-index auto: the recall@10 the chosen index must reach "
+        f"(default {SERVING_RECALL_TARGET})",
     )
     p.add_argument(
         "--expansion-index",
@@ -151,6 +193,19 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
     _add_aqe_options(p)
     _add_quality_options(p)
+
+
+def _add_parquet_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Parquet input", "which columns of a Parquet gallery hold what")
+    g.add_argument(
+        "--embedding-column", help="list of float32/float16 (default: the only list column, else 'embedding')"
+    )
+    g.add_argument("--id-column", help="string or integer ids (default: 'id' if present; '' for none)")
+    g.add_argument(
+        "--metadata-columns",
+        type=lambda text: tuple(c.strip() for c in text.split(",") if c.strip()),
+        help="comma-separated (default: every other int, float or string column; '' for none)",
+    )
 
 
 def _add_quality_options(p: argparse.ArgumentParser) -> None:
@@ -203,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("expand", help="write AQE-expanded features (drop-in for fast-reid's aqe)")
-    p.add_argument("input", type=Path, help="gallery .npy file or directory of .npy shards")
+    p.add_argument("input", type=Path, help="gallery: .npy or Parquet file, or shard directory")
     p.add_argument("output", type=Path, help="expanded gallery, float32 .npy")
     p.add_argument("--queries", type=Path, help="queries .npy: transductive mode")
     p.add_argument("--queries-out", type=Path, help="expanded queries, float32 .npy")
@@ -266,6 +321,7 @@ def _knn_spec(args: argparse.Namespace) -> KnnSpec:
         seed=args.seed,
         exact_kernel=args.exact_kernel,
         batch_lists=args.batch_lists,
+        recall_target=args.graph_recall_target,
     )
 
 
@@ -354,6 +410,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         root=args.root,
         ids=args.ids,
         metadata=args.metadata,
+        columns=ParquetColumns(args.embedding_column, args.id_column, args.metadata_columns),
         params=_params(args),
         knn=_knn_spec(args),
         serving=ServingSpec(
@@ -363,6 +420,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
             seed=args.seed,
             memory_budget_gib=args.serving_memory_budget_gib,
             recall_target=args.serving_recall_target,
+            candidates=args.serving_candidates,
         ),
         block_size=args.block_size,
         keep=args.keep,
@@ -378,7 +436,8 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
 def cmd_build(args: argparse.Namespace) -> int:
     """``build``: one build published under ``--root``."""
     config = build_config(args)
-    manifest = build(config)
+    with artifact.build_lock(config.root):  # refused before any work when another writer runs
+        manifest = build(config)
     summary = {
         "version": manifest.version,
         "n": manifest.n,

@@ -10,11 +10,15 @@ from pathlib import Path
 
 from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
+from index_builder.inputs import ParquetColumns
 from index_builder.knn import KnnSpec
+from index_builder.serving_auto import KINDS as SERVING_KINDS
 
 AUTO = "auto"
-AUTO_EXACT_MAX_N = 200_000
-"""``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget."""
+AUTO_EXACT_MAX_N = 10_000
+"""``auto`` serves exactly (flat) up to this many rows, if they fit the memory budget, without
+trying other indexes (a flat scan of 10,000 x 256 takes about 0.3 ms); above, it measures."""
+SERVING_RECALL_TARGET = 0.97
 AUTO_NPROBE_LADDER = (16, 32, 64, 128, 256, 512)
 """nprobe values ``auto`` tries, smallest first, until recall@k reaches the target."""
 EXPANSION_INDEXES = ("auto", "exact")
@@ -25,11 +29,11 @@ EXPANSION_INDEXES = ("auto", "exact")
 class ServingSpec:
     """The serving index over the expanded rows: ``exact``, ``auto`` or a FAISS factory string.
 
-    ``auto`` picks exact (flat) search for galleries up to ``exact_max_n`` rows, else
-    ``IVF<nlist>`` (nlist ~ 4 sqrt(N)) with the finest storage (Flat, SQ8, PQ) that fits
-    ``memory_budget_gib``, and the smallest nprobe whose measured recall@k reaches
-    ``recall_target`` (unless ``nprobe`` is given). See
-    :func:`index_builder.serving.choose_serving_method`.
+    ``auto`` picks exact (flat) search for galleries up to ``exact_max_n`` rows, else the
+    fastest of the ``candidates`` kinds whose recall@k on held-out, online-expanded queries
+    reaches ``recall_target`` within ``memory_budget_gib`` (:mod:`index_builder.serving_auto`);
+    with ``nprobe`` given, ``IVF<nlist>`` with the finest storage that fits
+    (:func:`index_builder.serving.choose_serving_method`).
     """
 
     method: str = "exact"
@@ -39,10 +43,14 @@ class ServingSpec:
     recall_sample: int = 1000
     seed: int = 0
     memory_budget_gib: float = 4.0
-    recall_target: float = 0.95
+    recall_target: float = SERVING_RECALL_TARGET
     exact_max_n: int = AUTO_EXACT_MAX_N
+    candidates: tuple[str, ...] = SERVING_KINDS
 
     def __post_init__(self) -> None:
+        unknown = set(self.candidates) - set(SERVING_KINDS)
+        if unknown or not self.candidates:
+            raise ValueError(f"candidates must be among {SERVING_KINDS}, got {self.candidates!r}")
         if not self.memory_budget_gib > 0:
             raise ValueError(f"memory_budget_gib must be > 0, got {self.memory_budget_gib}")
         if not 0 < self.recall_target <= 1:
@@ -57,6 +65,8 @@ class GateSpec:
 
     min_map_gain: float | None = None
     min_graph_recall: float | None = None
+    graph_recall_target: float | None = None
+    """Set by the build from ``--graph-recall-target``: a graph below it is refused too."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,7 @@ class BuildConfig:
     root: Path
     ids: Path | None = None
     metadata: Path | None = None
+    columns: ParquetColumns = field(default_factory=ParquetColumns)
     params: AqeParams = field(default_factory=AqeParams)
     knn: KnnSpec = field(default_factory=KnnSpec)
     serving: ServingSpec = field(default_factory=ServingSpec)
@@ -115,5 +126,3 @@ class BuildConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.quality is not None and self.metadata is None:
-            raise ValueError("the quality check needs --metadata with the pid and camid columns")

@@ -29,8 +29,9 @@ import numpy as np
 from aqe_retrieval import aqe
 from index_builder import budget
 from index_builder.budget import Plan
+from index_builder.graph_auto import graph_knn
 from index_builder.inputs import EmbeddingSource, as_source, bad_rows, raise_for_bad_rows
-from index_builder.knn import KnnMemory, KnnResult, KnnSpec, self_knn
+from index_builder.knn import KnnMemory, KnnResult, KnnSpec
 from index_builder.ondisk import OnDiskLists
 from index_builder.pool import Progress
 from index_builder.progress import progress
@@ -191,7 +192,8 @@ class Expansion:
         x = u
         for t in range(1, params.qe_times + 1):
             with progress(f"round {t}/{params.qe_times} kNN", n, enabled=show_progress) as update:
-                result = self_knn(u, k, self.knn, block_size, update, memory=self._knn_memory(t - 1))
+                memory = self._knn_memory(t - 1)
+                result = graph_knn(u, k, self.knn, block_size, update, memory=memory)
             if result.recall is not None:
                 logger.info(
                     "round %d: graph recall@%d %.4f on %d rows", t, k, result.recall, result.recall_sample

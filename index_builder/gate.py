@@ -105,6 +105,12 @@ def gate_check(
         )
     if spec.min_graph_recall is not None and (graph_recall or 1.0) < spec.min_graph_recall:
         reasons.append(f"graph recall {graph_recall:.4f} is below the required {spec.min_graph_recall:.4f}")
+    if (
+        spec.graph_recall_target is not None
+        and graph_recall is not None
+        and graph_recall < spec.graph_recall_target
+    ):
+        reasons.append(f"graph recall {graph_recall:.4f} is below its target {spec.graph_recall_target:.4f}")
     return {
         "raw": raw.as_dict() | {"cmc": None},
         "aqe": expanded.as_dict() | {"cmc": None},

@@ -1,45 +1,114 @@
 """Reading and validating the builder's input: embeddings, external ids and metadata.
 
-Embeddings are one ``.npy`` file or a directory of ``.npy`` shards (concatenated in file-name
-order), float32 or float16, memory-mapped and read in blocks: never held whole in memory here.
-Every problem raises :class:`InputError` naming the file and the offending rows.
+Embeddings are one ``.npy`` or Parquet file, or a directory of ``.npy`` or Parquet shards
+(concatenated in file-name order), float32 or float16, read in blocks: never held whole in
+memory here. ``.npy`` shards are memory-mapped (:mod:`index_builder.npy_shards`); Parquet
+shards are read one row group at a time (:mod:`index_builder.parquet_shards`).
+
+Ids and metadata come with the shards or from whole-gallery files (``--ids``, ``--metadata``),
+never both: a Parquet shard carries them in its id column and other columns, a ``.npy`` shard
+in sidecar files. Every problem raises :class:`InputError` naming the file and the offending
+rows.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from aqe_retrieval.errors import InputError
+from index_builder.id_metadata import join_ids, join_metadata, name_rows, read_ids, read_metadata
+from index_builder.npy_shards import NpyShard, check_array, open_npy
 
 logger = logging.getLogger(__name__)
 
-ACCEPTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-MAX_ROWS_NAMED = 10
+PARQUET_SUFFIX = ".parquet"
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass(frozen=True)
+class ParquetColumns:
+    """Which Parquet columns hold what; ``None`` picks the default.
+
+    ``embedding``: default the only list column, else ``embedding``. ``id``: default ``id`` if
+    present; ``""``: no ids from the input. ``metadata``: default every other int, float or
+    string column (others are skipped with a log line); named, each must exist and have one of
+    those types; ``()``: none.
+    """
+
+    embedding: str | None = None
+    id: str | None = None
+    metadata: tuple[str, ...] | None = None
+
+    @property
+    def chosen(self) -> bool:
+        """Whether any column was named (then the input must be Parquet)."""
+        return self != ParquetColumns()
+
+
+class Shard(Protocol):
+    """One file of the gallery: its rows in blocks, and the ids and metadata it carries."""
+
+    @property
+    def path(self) -> Path: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def d(self) -> int: ...
+    @property
+    def dtype(self) -> np.dtype: ...
+    @property
+    def files(self) -> tuple[Path, ...]: ...
+    @property
+    def has_ids(self) -> bool: ...
+    @property
+    def has_metadata(self) -> bool: ...
+    def blocks(self, block_size: int) -> Iterator[np.ndarray]: ...
+    def take(self, rows: np.ndarray) -> np.ndarray: ...
+    def ids(self) -> list[str]: ...
+    def metadata(self) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True)
 class EmbeddingSource:
-    """A read-only (n, d) float matrix over one or more memory-mapped ``.npy`` shards."""
+    """A read-only (n, d) float matrix over one or more shards (``.npy`` or Parquet), in order.
 
-    shards: tuple[np.ndarray, ...]
-    paths: tuple[Path, ...]
+    ``columns``: the Parquet columns read (defaults resolved), ``None`` for ``.npy``.
+    """
+
+    shards: tuple[Shard, ...]
+    columns: ParquetColumns | None = None
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """The shards' embedding files."""
+        return tuple(s.path for s in self.shards)
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """Every file the source reads: shards and their sidecars (what the fingerprint covers)."""
+        return tuple(f for s in self.shards for f in s.files)
+
+    @property
+    def label(self) -> str:
+        """The file, or the shards' directory, for messages."""
+        return str(self.paths[0] if len(self.shards) == 1 else self.paths[0].parent)
 
     @property
     def n(self) -> int:
         """Rows over all shards."""
-        return sum(s.shape[0] for s in self.shards)
+        return sum(s.rows for s in self.shards)
 
     @property
     def d(self) -> int:
         """Dimension of every row."""
-        return int(self.shards[0].shape[1])
+        return self.shards[0].d
 
     @property
     def dtype(self) -> np.dtype:
@@ -47,85 +116,158 @@ class EmbeddingSource:
         return self.shards[0].dtype
 
     def blocks(self, block_size: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(start_row, block)`` with ``block`` (<= block_size, d) float32, in row order."""
+        """Yield ``(start_row, block)`` with ``block`` (<= block_size, d) float32, in row order.
+
+        A block never spans two shards. Memory: the block, plus one row group for Parquet.
+        """
         start = 0
         for shard in self.shards:
-            for lo in range(0, shard.shape[0], block_size):
-                block = np.asarray(shard[lo : lo + block_size], dtype=np.float32)
-                yield start + lo, block
-            start += shard.shape[0]
+            lo = start
+            for block in shard.blocks(block_size):
+                yield lo, block
+                lo += len(block)
+                del block  # else it outlives the consumer's copy while the next block is read
+            start += shard.rows
 
     def take(self, rows: np.ndarray) -> np.ndarray:
         """The given rows (sorted row numbers) as a (len(rows), d) float32 array."""
         out = np.empty((len(rows), self.d), dtype=np.float32)
         start = 0
         for shard in self.shards:
-            mine = (rows >= start) & (rows < start + shard.shape[0])
-            out[mine] = shard[rows[mine] - start]
-            start += shard.shape[0]
+            mine = (rows >= start) & (rows < start + shard.rows)
+            if mine.any():
+                out[mine] = shard.take(rows[mine] - start)
+            start += shard.rows
         return out
 
     def concat(self, other: EmbeddingSource) -> EmbeddingSource:
         """This source's rows followed by ``other``'s (same d; dtypes may differ)."""
         if other.d != self.d:
             raise InputError(f"{other.paths[0]}: dimension {other.d} differs from {self.paths[0]}'s {self.d}")
-        return EmbeddingSource(self.shards + other.shards, self.paths + other.paths)
+        return EmbeddingSource(self.shards + other.shards, self.columns)
+
+    @property
+    def has_ids(self) -> bool:
+        """Whether the shards carry ids (all of them, or none)."""
+        return self._all_or_none([s.has_ids for s in self.shards], "ids")
+
+    @property
+    def has_metadata(self) -> bool:
+        """Whether the shards carry metadata (all of them, or none)."""
+        return self._all_or_none([s.has_metadata for s in self.shards], "metadata")
+
+    def _all_or_none(self, have: list[bool], what: str) -> bool:
+        if any(have) and not all(have):
+            without = next(s.path for s, h in zip(self.shards, have, strict=True) if not h)
+            raise InputError(f"{without}: carries no {what} while other shards do")
+        return all(have)
+
+    def ids(self) -> list[str] | None:
+        """The shards' ids in row order, unique over all shards; ``None`` if they carry none."""
+        if not self.has_ids:
+            return None
+        return join_ids(self.label, ((s.path, s.ids()) for s in self.shards))
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        """The shards' metadata columns over all rows; ``{}`` if they carry none."""
+        if not self.has_metadata:
+            return {}
+        return join_metadata([(s.path, s.metadata()) for s in self.shards])
 
 
 def as_source(data: np.ndarray | str | Path | EmbeddingSource) -> EmbeddingSource:
-    """An :class:`EmbeddingSource` from an in-memory array, a ``.npy`` path, or a shard directory."""
+    """An :class:`EmbeddingSource` from an in-memory array or a path (:func:`open_embeddings`)."""
     if isinstance(data, EmbeddingSource):
         return data
     if isinstance(data, np.ndarray):
         arr = data if data.ndim == 2 else np.asarray(data)
-        _check_array(arr, Path("<array>"))
-        return EmbeddingSource((arr,), (Path("<array>"),))
+        check_array(arr, Path("<array>"))
+        return EmbeddingSource((NpyShard(arr, Path("<array>")),))
     return open_embeddings(Path(data))
 
 
-def open_embeddings(path: Path) -> EmbeddingSource:
-    """Memory-map a ``.npy`` file or a directory of ``.npy`` shards."""
+def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> EmbeddingSource:
+    """Open a ``.npy`` or Parquet file, or a directory of ``.npy`` or of Parquet shards.
+
+    A directory's shards are its ``*.npy`` files or its ``*.parquet`` files, not both (names
+    starting with ``_`` or ``.``, such as Spark's ``_SUCCESS``, are not Parquet shards), in
+    file-name order; ``.npy`` shards there may have sidecars (:mod:`index_builder.npy_shards`).
+    A single file is Parquet if it starts with Parquet's magic bytes. ``columns``: Parquet only.
+    """
+    columns = columns or ParquetColumns()
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if not path.is_dir() and not path.is_file():
         raise InputError(f"{path}: not a regular file or directory")
     if path.is_dir():
-        paths = sorted(p for p in path.iterdir() if p.suffix == ".npy" and p.is_file())
-        if not paths:
-            raise InputError(f"{path}: directory holds no .npy shards")
+        entries = sorted(p for p in path.iterdir() if p.is_file())
+        npys = [p for p in entries if p.suffix == ".npy"]
+        parquets = [p for p in entries if p.suffix == PARQUET_SUFFIX and not p.name.startswith(("_", "."))]
+        if npys and parquets:
+            raise InputError(f"{path}: directory mixes .npy and Parquet shards")
+        if not npys and not parquets:
+            raise InputError(f"{path}: directory holds no .npy shards or .parquet files")
+        paths, parquet = parquets or npys, bool(parquets)
     else:
-        paths = [path]
-    shards = []
-    for p in paths:
-        try:
-            arr = np.load(p, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{p}: not a readable .npy array ({exc})") from exc
-        _check_array(arr, p)
-        shards.append(arr)
-    _check_compatible(tuple(shards), tuple(paths))
-    source = EmbeddingSource(tuple(shards), tuple(paths))
+        paths, parquet = [path], _is_parquet(path)
+    shards: Sequence[Shard]
+    if parquet:
+        from index_builder.parquet_schema import open_parquet  # pyarrow only for Parquet input
+
+        shards, columns = open_parquet(paths, columns)
+    elif columns.chosen:
+        raise InputError(
+            f"{path}: --embedding-column, --id-column and --metadata-columns apply to Parquet input only"
+        )
+    else:
+        shards = open_npy(paths, path if path.is_dir() else None)
+    _check_compatible(shards)
+    source = EmbeddingSource(tuple(shards), columns if parquet else None)
     if source.n == 0:
         raise InputError(f"{path}: input is empty (0 rows)")
     return source
 
 
-def _check_array(arr: np.ndarray, path: Path) -> None:
-    if arr.ndim != 2:
-        raise InputError(f"{path}: expected a 2-D (rows, dim) array, got shape {arr.shape}")
-    if arr.dtype not in ACCEPTED_DTYPES:
-        raise InputError(f"{path}: dtype {arr.dtype} is not accepted (float32 or float16)")
-    if arr.shape[1] == 0:
-        raise InputError(f"{path}: dimension is 0")
+def _is_parquet(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from exc
 
 
-def _check_compatible(shards: Sequence[np.ndarray], paths: Sequence[Path]) -> None:
+def _check_compatible(shards: Sequence[Shard]) -> None:
     first = shards[0]
-    for arr, p in zip(shards[1:], paths[1:], strict=True):
-        if arr.shape[1] != first.shape[1]:
-            raise InputError(f"{p}: dimension {arr.shape[1]} differs from {paths[0]}'s {first.shape[1]}")
-        if arr.dtype != first.dtype:
-            raise InputError(f"{p}: dtype {arr.dtype} differs from {paths[0]}'s {first.dtype}")
+    for s in shards[1:]:
+        if s.d != first.d:
+            raise InputError(f"{s.path}: dimension {s.d} differs from {first.path}'s {first.d}")
+        if s.dtype != first.dtype:
+            raise InputError(f"{s.path}: dtype {s.dtype} differs from {first.path}'s {first.dtype}")
+
+
+def gallery_ids(source: EmbeddingSource, ids_file: Path | None) -> list[str] | None:
+    """The gallery's ids: from its shards or from ``ids_file`` (not both); ``None``: row numbers."""
+    if source.has_ids:
+        if ids_file is not None:
+            raise InputError(
+                f"{ids_file}: the gallery {source.label} carries its own ids (an id column or "
+                ".ids.txt sidecars); give one or the other (--id-column '' reads no Parquet ids)"
+            )
+        return source.ids()
+    return read_ids(ids_file, source.n) if ids_file is not None else None
+
+
+def gallery_metadata(source: EmbeddingSource, metadata_file: Path | None) -> dict[str, np.ndarray]:
+    """The gallery's metadata columns: from its shards or from ``metadata_file`` (not both)."""
+    if source.has_metadata:
+        if metadata_file is not None:
+            raise InputError(
+                f"{metadata_file}: the gallery {source.label} carries its own metadata (Parquet "
+                "columns or .metadata.csv sidecars); give one or the other (--metadata-columns '' "
+                "reads no Parquet columns)"
+            )
+        return source.metadata()
+    return read_metadata(metadata_file, source.n) if metadata_file is not None else {}
 
 
 def bad_rows(block: np.ndarray, start: int) -> tuple[list[int], list[int]]:
@@ -139,78 +281,11 @@ def raise_for_bad_rows(label: str, nonfinite: list[int], zero: list[int]) -> Non
     """Raise :class:`InputError` naming the first offending rows, if there are any."""
     problems = []
     if nonfinite:
-        problems.append(f"NaN or Inf in rows {_name_rows(nonfinite)}")
+        problems.append(f"NaN or Inf in rows {name_rows(nonfinite)}")
     if zero:
-        problems.append(f"all-zero rows {_name_rows(zero)}")
+        problems.append(f"all-zero rows {name_rows(zero)}")
     if problems:
         raise InputError(f"{label}: " + "; ".join(problems))
-
-
-def _name_rows(rows: list[int]) -> str:
-    shown = ", ".join(str(r) for r in rows[:MAX_ROWS_NAMED])
-    return shown + (" ..." if len(rows) > MAX_ROWS_NAMED else "")
-
-
-def read_ids(path: Path, n: int) -> list[str]:
-    """External ids, one per line (UTF-8); exactly ``n`` of them, unique and non-empty."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read ids ({exc})") from exc
-    ids = text.split("\n")
-    if ids and ids[-1] == "":
-        ids.pop()
-    ids = [i.rstrip("\r") for i in ids]
-    if len(ids) != n:
-        raise InputError(f"{path}: {len(ids)} ids for {n} embeddings")
-    empty = [r for r, i in enumerate(ids) if not i]
-    if empty:
-        raise InputError(f"{path}: empty id on rows {_name_rows(empty)}")
-    seen: dict[str, int] = {}
-    dups = []
-    for row, i in enumerate(ids):
-        if i in seen:
-            dups.append(f"{i!r} (rows {seen[i]} and {row})")
-        else:
-            seen[i] = row
-    if dups:
-        raise InputError(f"{path}: duplicate ids: {', '.join(dups[:MAX_ROWS_NAMED])}")
-    return ids
-
-
-def read_metadata(path: Path, n: int) -> dict[str, np.ndarray]:
-    """Metadata columns from a CSV with a header: ``n`` rows; int, float or str columns."""
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise InputError(f"{path}: cannot read metadata CSV ({exc})") from exc
-    if not header or not all(h.strip() for h in header):
-        raise InputError(f"{path}: the first line must be a header naming every column")
-    if len(set(header)) != len(header):
-        raise InputError(f"{path}: duplicate column names in header {header}")
-    if len(rows) != n:
-        raise InputError(f"{path}: {len(rows)} metadata rows for {n} embeddings")
-    ragged = [r for r, row in enumerate(rows) if len(row) != len(header)]
-    if ragged:
-        raise InputError(
-            f"{path}: rows {_name_rows(ragged)} do not have {len(header)} fields (data row numbers)"
-        )
-    columns = {}
-    for c, name in enumerate(header):
-        columns[name.strip()] = _typed_column([row[c] for row in rows])
-    return columns
-
-
-def _typed_column(values: list[str]) -> np.ndarray:
-    for dtype in (np.int64, np.float64):
-        try:
-            return np.array(values, dtype=dtype)
-        except (ValueError, OverflowError):
-            continue
-    return np.array(values, dtype=np.str_)
 
 
 def fingerprint(paths: Sequence[Path]) -> str:

@@ -27,7 +27,7 @@ import numpy as np
 
 from aqe_retrieval.errors import KnnConfigError
 from aqe_retrieval.faiss_search import exact_knn, search_parameters
-from index_builder.ivf_batch import batch_self_knn
+from index_builder.ivf_batch import batch_list_search, batch_self_knn
 from index_builder.ondisk import OnDiskLists, fill_ondisk
 from index_builder.pool import Progress
 from index_builder.storage import ArrayStore
@@ -36,6 +36,9 @@ from index_builder.symmetric import SYMMETRIC_TILE, symmetric_self_knn
 logger = logging.getLogger(__name__)
 
 EXACT = "exact"
+AUTO = "auto"
+GRAPH_RECALL_TARGET = 0.95
+"""The graph recall (top-qe_k sets against exact kNN, on a sample) a graph is expected to reach."""
 EXACT_KERNELS = ("auto", "symmetric", "faiss")
 SYMMETRIC_MIN_N = 4096
 """``auto`` uses the symmetric kernel from this many rows on. Measured (bench_knn.py --sweep, d = 512,
@@ -47,8 +50,11 @@ SYMMETRIC_MIN_N = 4096
 class KnnSpec:
     """How to find neighbours: ``exact`` or a FAISS factory string plus its search knobs.
 
+    ``method="auto"`` is resolved by :mod:`index_builder.graph_auto` (exact or a tuned IVF graph).
     ``exact_kernel``: ``auto`` | ``symmetric`` | ``faiss`` (exact mode). ``batch_lists``: search an
-    ``IVF<nlist>,Flat`` index list by list (one GEMM per inverted list) instead of row by row.
+    ``IVF<nlist>,Flat`` index list by list (one GEMM per inverted list) instead of row by row;
+    ``None`` (default): wherever that gives the same neighbours, i.e. for ``IVF<nlist>,Flat``.
+    ``recall_target``: the graph recall below which a graph is reported as below target.
     """
 
     method: str = EXACT
@@ -58,9 +64,12 @@ class KnnSpec:
     recall_sample: int = 1000
     seed: int = 0
     exact_kernel: str = "auto"
-    batch_lists: bool = False
+    batch_lists: bool | None = None
+    recall_target: float = GRAPH_RECALL_TARGET
 
     def __post_init__(self) -> None:
+        if not 0 < self.recall_target <= 1:
+            raise ValueError(f"recall_target must be in (0, 1], got {self.recall_target}")
         if self.exact_kernel not in EXACT_KERNELS:
             raise ValueError(f"exact_kernel must be one of {EXACT_KERNELS}, got {self.exact_kernel!r}")
         if self.batch_lists and self.exact:
@@ -90,7 +99,10 @@ class KnnMemory:
 
 @dataclass(frozen=True)
 class KnnResult:
-    """Top-k neighbours of every row: ``ids`` (n, k) int64, ``sims`` (n, k) float32, best first."""
+    """Top-k neighbours of every row: ``ids`` (n, k) int64, ``sims`` (n, k) float32, best first.
+
+    ``spec``: what was run (``auto`` resolved); ``tried``: what ``auto`` measured on the way.
+    """
 
     ids: np.ndarray
     sims: np.ndarray
@@ -98,6 +110,8 @@ class KnnResult:
     recall_sample: int
     seconds: float
     index: Any = None
+    spec: KnnSpec | None = None
+    tried: tuple[dict[str, Any], ...] = ()
 
 
 def build_index(
@@ -141,23 +155,26 @@ def self_knn(
     block_size: int,
     progress: Progress | None = None,
     workers: int | None = None,
+    index: Any = None,
     memory: KnnMemory | None = None,
 ) -> KnnResult:
     """Top-``k`` neighbours of every row of ``u`` (n, d) float32 among all rows, itself included.
 
     ``workers``: threads of the tiled routes (default :func:`~index_builder.pool.worker_count`).
+    ``index``: an index built from ``spec.method`` over ``u`` (trained and filled), searched
+    instead of building one.
     ``memory``: tile, heap stripe, on-disk lists and where the graph lives (default: all in RAM).
     """
     t0 = time.perf_counter()
     memory = memory or KnnMemory()
     u = np.ascontiguousarray(u, dtype=np.float32)
     n = u.shape[0]
-    index = None
     store = memory.store or ArrayStore()
     symmetric = spec.exact and use_symmetric(n, spec.exact_kernel)
+    batch = not symmetric and use_batch_lists(spec, u.shape[1])
     # the graph: written by stripes or blocks into the store's arrays (memmaps out of core); the
     # tiled kernels' own heaps are the result when they hold every row at once
-    by_rows = (memory.stripe is not None and memory.stripe < n) or not (symmetric or spec.batch_lists)
+    by_rows = (memory.stripe is not None and memory.stripe < n) or not (symmetric or batch)
     out = None
     if by_rows:
         out = (
@@ -167,29 +184,41 @@ def self_knn(
     if symmetric:
         tile = min(block_size, memory.tile)
         sims, ids = symmetric_self_knn(u, k, tile, progress, workers, memory.stripe, out)
-    elif spec.batch_lists:
-        if not isinstance(faiss.downcast_index(_factory(u.shape[1], spec)), faiss.IndexIVFFlat):
-            raise KnnConfigError(f"batch_lists needs an 'IVF<nlist>,Flat' index, got {spec.method!r}")
-        index = build_index(u, spec, block_size, add=False)
-        sims, ids = batch_self_knn(
-            index,
-            u,
-            k,
-            spec.nprobe,
-            block_size,
-            progress,
-            workers=workers,
-            tile=memory.tile,
-            stripe=memory.stripe,
-            lists=memory.lists,
-            store=memory.store,
-            out=out,
-        )
+    elif batch:
+        if index is None:
+            index = build_index(u, spec, block_size, add=False)
+            sims, ids = batch_self_knn(
+                index,
+                u,
+                k,
+                spec.nprobe,
+                block_size,
+                progress,
+                workers=workers,
+                tile=memory.tile,
+                stripe=memory.stripe,
+                lists=memory.lists,
+                store=memory.store,
+                out=out,
+            )
+        else:
+            sims, ids = batch_list_search(
+                index,
+                u,
+                k,
+                spec.nprobe,
+                block_size,
+                progress,
+                workers=workers,
+                tile=memory.tile,
+                stripe=memory.stripe,
+                out=out,
+            )
     else:
         if spec.exact:
             search = lambda xq: exact_knn(xq, u, k)  # noqa: E731
         else:
-            index = build_index(u, spec, block_size, lists=memory.lists)
+            index = index if index is not None else build_index(u, spec, block_size, lists=memory.lists)
             params = search_parameters(index, spec.nprobe, spec.ef_search)
             search = lambda xq: index.search(xq, k, params=params)  # noqa: E731
         assert out is not None
@@ -209,7 +238,20 @@ def self_knn(
     if not spec.exact:
         rows = sample_rows(n, spec.recall_sample, spec.seed)
         recall, sample = set_recall(ids[rows], exact_knn(u[rows], u, k)[1]), len(rows)
-    return KnnResult(ids, sims, recall, sample, time.perf_counter() - t0, index)
+    return KnnResult(ids, sims, recall, sample, time.perf_counter() - t0, index, spec)
+
+
+def use_batch_lists(spec: KnnSpec, d: int) -> bool:
+    """Whether ``spec`` searches list by list: asked, or by default for ``IVF<nlist>,Flat``.
+
+    Raises :class:`KnnConfigError` when asked for an index that is not ``IVF<nlist>,Flat``.
+    """
+    if spec.exact or spec.batch_lists is False:
+        return False
+    ivf_flat = isinstance(faiss.downcast_index(_factory(d, spec)), faiss.IndexIVFFlat)
+    if spec.batch_lists and not ivf_flat:
+        raise KnnConfigError(f"batch_lists needs an 'IVF<nlist>,Flat' index, got {spec.method!r}")
+    return ivf_flat
 
 
 def short_rows(ids: np.ndarray, block_size: int) -> np.ndarray:

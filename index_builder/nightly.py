@@ -1,12 +1,12 @@
 """The scheduled rebuild: one locked build run that records how it went.
 
-``index-builder nightly`` takes the same inputs as ``build``. It holds an exclusive, non-blocking
-``flock`` on :func:`artifact.lock_path` for the whole run (a second run started meanwhile exits
-with :data:`EXIT_LOCKED` and touches nothing), builds and publishes a version (publishing is
-atomic and prunes old versions), and writes a status record atomically at
-:func:`artifact.status_path`. A failed run publishes nothing, so the previous version stays
-current; the record says why and counts consecutive failures. The search service reads the
-record with :func:`aqe_retrieval.artifact.read_status`.
+``index-builder nightly`` takes the same inputs as ``build``. It holds the root's
+:func:`artifact.build_lock` for the whole run, the lock ``build`` and ``rollback`` take too (a
+second writer started meanwhile exits with :data:`EXIT_LOCKED` and touches nothing), builds
+and publishes a version (publishing is atomic and prunes old versions), and writes a status
+record atomically at :func:`artifact.status_path`. A failed run publishes nothing, so the
+previous version stays current; the record says why and counts consecutive failures. The
+search service reads the record with :func:`aqe_retrieval.artifact.read_status`.
 
 Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds the lock,
 4 the quality gate refused the build.
@@ -14,14 +14,12 @@ Exit status: 0 success, 1 failure, 2 bad input or arguments, 3 another run holds
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -39,28 +37,8 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@contextmanager
-def exclusive_lock(root: Path) -> Iterator[None]:
-    """Hold the build lock of ``root`` (non-blocking); raises :class:`LockedError` if taken."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = artifact.lock_path(root)
-    # O_CREAT without O_TRUNC: a refused run must not alter the holder's lock file.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
-            raise LockedError(f"{root}: another build holds {path.name} ({holder})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(
-            fd,
-            f"pid {os.getpid()} on {socket.gethostname()} since {_utcnow():%Y-%m-%dT%H:%M:%SZ}\n".encode(),
-            0,
-        )
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock; the file stays so that it is never raced
+exclusive_lock = artifact.build_lock
+"""The root's build lock (kept under its old name for callers)."""
 
 
 def run_nightly(
@@ -74,7 +52,7 @@ def run_nightly(
     ``build_fn`` and ``clock`` are seams for tests. A refused run returns ``(EXIT_LOCKED, None)``.
     """
     try:
-        with exclusive_lock(config.root):
+        with artifact.build_lock(config.root):
             return _locked_run(config, build_fn, clock)
     except LockedError as exc:
         logger.error("%s; not starting", exc)

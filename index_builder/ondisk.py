@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 from faiss import swig_ptr
 
+from aqe_retrieval.faiss_search import has_ondisk_lists
 from index_builder.pool import Progress
 
 _faiss: Any = faiss
@@ -115,7 +116,4 @@ def c_stdout_to_stderr() -> Iterator[None]:
 
 def is_ondisk(index: Any) -> bool:
     """Whether ``index`` is an IVF index with on-disk inverted lists."""
-    ivf = faiss.try_extract_index_ivf(index)
-    return ivf is not None and isinstance(
-        _faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists
-    )
+    return has_ondisk_lists(index)

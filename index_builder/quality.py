@@ -116,8 +116,9 @@ def serving_gallery(
     knn = knn or KnnSpec()
     expansion = Expansion(as_source(xg), params, knn, block_size=block_size, show_progress=False)
     levels = [
-        gallery_level(lv.rows.copy(), lv.norms.copy(), lv.knn.index, knn.nprobe, knn.ef_search)
+        gallery_level(lv.rows.copy(), lv.norms.copy(), lv.knn.index, ran.nprobe, ran.ef_search)
         for lv in expansion
+        for ran in [lv.knn.spec or knn]  # what ran, ``auto`` resolved
     ]
     report = expansion.report
     return ServingGallery(expansion.expanded, levels, report.graph_recall, report.effective_qe_k)

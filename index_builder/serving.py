@@ -1,8 +1,8 @@
 """The indexes a build publishes for search: the serving index, and per-level expansion indexes.
 
-``auto`` is resolved here from the gallery's size and the memory budget
-(:func:`choose_serving_method`); for an approximate index, nprobe is tuned against exact search
-on a sample of rows until recall@k reaches the target.
+``auto`` serves small galleries exactly and otherwise chooses among candidate indexes by measured
+held-out recall and per-query cost (:mod:`index_builder.serving_auto`); with a given nprobe it
+picks an IVF that fits the memory budget (:func:`choose_serving_method`).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import faiss
 import numpy as np
 
 from aqe_retrieval import artifact
-from aqe_retrieval.faiss_search import exact_knn, search_parameters
+from aqe_retrieval.faiss_search import exact_knn, search_by_lists, search_parameters
 from index_builder.config import AUTO, AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, BuildConfig, ServingSpec
-from index_builder.ivf_batch import search_by_lists
+from index_builder.heldout import QuerySample, search_held_out
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
 from index_builder.ondisk import OnDiskLists
 from index_builder.progress import progress
+from index_builder.serving_auto import select_index
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,18 @@ def build_serving_index(
     block_size: int,
     show_progress: bool | None = None,
     what: str = "serving index",
+    queries: QuerySample | None = None,
     lists: OnDiskLists | None = None,
     flat_limit: int | None = None,
 ) -> tuple[Any, artifact.ServingIndexEntry]:
     """The index searched by the service over ``u`` (n, d) normalised expanded rows.
 
-    ``auto`` is resolved first (:func:`choose_serving_method`); the entry records what was
-    chosen. For an approximate index, recall@k against exact search is measured on a sample of
-    rows used as queries; IVF indexes get a direct map (8 bytes a row) so that the service can
+    ``auto`` serves up to ``spec.exact_max_n`` rows exactly; above, it chooses the fastest
+    candidate whose recall@k on ``queries`` meets the target (:func:`~index_builder.
+    serving_auto.select_index`; ``queries`` default: held-out gallery rows of ``u``), unless
+    ``nprobe`` is given (then :func:`choose_serving_method` picks an IVF that fits). For an
+    approximate index, recall@k against exact search is measured on ``queries`` (or gallery
+    rows used as queries); IVF indexes get a direct map (8 bytes a row) so that the service can
     reconstruct rows for its exact fallback under filters.
 
     Out of core, ``lists`` puts an IVF index's inverted lists on disk, and ``auto`` does not
@@ -51,6 +56,17 @@ def build_serving_index(
         method, reason = choose_serving_method(
             n, d, spec.memory_budget_gib, _exact_max_n(spec, n, d, flat_limit)
         )
+        # out of core (lists), auto keeps choose_serving_method's IVF, whose lists can go on
+        # disk: the candidates' race builds each candidate in memory
+        if method != "exact" and nprobe is None and spec.ef_search is None and lists is None:
+            logger.info("%s auto: %d rows > %d, trying candidates", what, n, spec.exact_max_n)
+            if queries is None:
+                rows = sample_rows(n, spec.recall_sample, spec.seed)
+                queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
+            return select_index(
+                u, queries, min(spec.recall_k, n - 1), spec.recall_target, spec.memory_budget_gib,
+                spec.seed, block_size, what, spec.candidates,
+            )  # fmt: skip
         logger.info("%s auto: %s (%s)", what, method, reason)
     knn_spec = KnnSpec(method=method, seed=spec.seed)
     with progress(what, n, enabled=show_progress) as update:
@@ -63,31 +79,43 @@ def build_serving_index(
     )
     if not knn_spec.exact:
         k = min(spec.recall_k, n)
-        rows = sample_rows(n, spec.recall_sample, spec.seed)
-        xq = np.ascontiguousarray(u[rows])
-        truth = exact_knn(xq, u, k)[1]
+        if queries is None:
+            rows = sample_rows(n, spec.recall_sample, spec.seed)
+            queries = QuerySample(np.ascontiguousarray(u[rows]), None, "gallery rows")
+        truth = search_held_out(lambda xq, kk: exact_knn(xq, u, kk)[1], queries, k)
 
         def recall(nprobe: int | None) -> float:
             if lists is not None:  # on-disk lists: each list read once for all the sample queries
-                return set_recall(search_by_lists(index, xq, k, nprobe)[1], truth)
+                by_lists = search_held_out(
+                    lambda xq, kk: search_by_lists(index, xq, kk, nprobe)[1], queries, k
+                )
+                return set_recall(by_lists, truth)
             params = search_parameters(index, nprobe, spec.ef_search)
-            return set_recall(index.search(xq, k, params=params)[1], truth)
+            found = search_held_out(lambda xq, kk: index.search(xq, kk, params=params)[1], queries, k)
+            return set_recall(found, truth)
 
         if spec.method.lower() == AUTO and nprobe is None and ivf is not None:
             nprobe, entry.recall_at_k = tune_nprobe(recall, ivf.nlist, spec.recall_target, what)
             entry.nprobe = nprobe
         else:
             entry.recall_at_k = recall(nprobe)
-        entry.recall_k, entry.recall_sample = k, len(rows)
+        entry.recall_k, entry.recall_sample = k, len(queries.xq)
+        entry.recall_queries, entry.recall_target = queries.source, spec.recall_target
+        entry.below_target = entry.recall_at_k < spec.recall_target
         logger.info(
-            "%s %s (nprobe %s): recall@%d %.4f on %d queries",
+            "%s %s (nprobe %s): recall@%d %.4f on %d %s",
             what,
             method,
             nprobe,
             k,
             entry.recall_at_k,
-            len(rows),
+            len(queries.xq),
+            queries.source,
         )
+        if entry.below_target:
+            logger.warning(
+                "%s: recall@%d %.4f is below the target %.2f", what, k, entry.recall_at_k, spec.recall_target
+            )
     return index, entry
 
 
@@ -101,15 +129,15 @@ def expansion_index(
 
     An exact graph leaves no index, and a flat scan of every row per query costs what exact
     serving does (4 ms at 100,000 x 256). Above ``exact_max_n`` rows (or when flat rows do
-    not fit the serving memory budget) this builds the index ``--serving-index auto`` would,
-    with the smallest nprobe whose recall of the top ``qe_k - 1`` neighbours (what expansion
-    takes) reaches the serving recall target, measured against exact search on a sample.
-    ``lists``: on-disk inverted lists, out of core ("exact" builds nothing, so it always fits).
+    not fit the serving memory budget) this chooses the index as ``--serving-index auto``
+    does, for the recall of the top ``qe_k - 1`` neighbours (what expansion takes) of held-out
+    rows of the level (each row's own row removed), against exact search. When flat search
+    wins, the level keeps no index (None) and the entry says what was tried. ``lists``:
+    on-disk inverted lists, out of core ("exact" builds nothing, so it always fits).
     """
     n, d = rows.shape
     serving = config.serving
-    exact_max_n = serving.exact_max_n
-    if choose_serving_method(n, d, serving.memory_budget_gib, exact_max_n)[0] == "exact":
+    if choose_serving_method(n, d, serving.memory_budget_gib, serving.exact_max_n)[0] == "exact":
         return None, None
     spec = ServingSpec(
         method=AUTO,
@@ -118,16 +146,19 @@ def expansion_index(
         seed=serving.seed,
         memory_budget_gib=serving.memory_budget_gib,
         recall_target=serving.recall_target,
-        exact_max_n=exact_max_n,
+        exact_max_n=serving.exact_max_n,
+        candidates=serving.candidates,
     )
-    return build_serving_index(
-        np.ascontiguousarray(rows, dtype=np.float32),
-        spec,
-        config.block_size,
-        config.show_progress,
-        what=f"level {level} expansion index",
-        lists=lists,
+    u = np.ascontiguousarray(rows, dtype=np.float32)
+    held_out = sample_rows(n, spec.recall_sample, spec.seed)
+    queries = QuerySample(np.ascontiguousarray(u[held_out]), held_out, "held-out level rows")
+    what = f"level {level} expansion index"
+    index, entry = build_serving_index(
+        u, spec, config.block_size, config.show_progress, what, queries, lists=lists
     )
+    if entry.spec == "exact":
+        return None, entry
+    return index, entry
 
 
 def _exact_max_n(spec: ServingSpec, n: int, d: int, flat_limit: int | None) -> int:

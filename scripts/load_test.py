@@ -141,6 +141,7 @@ def start_server(root: Path, port: int, token: str, reload_interval: float, log:
         "AQE_ADMIN_TOKEN": token,
         "AQE_WORKERS": "1",
         "AQE_LOG_LEVEL": "WARNING",
+        "AQE_LOCAL_COPY_DIR": str(local_copy_dir(root)),
     }
     with log.open("wb") as out:
         return subprocess.Popen(
@@ -184,11 +185,18 @@ def request_pool(x: np.ndarray, seed: int, filters: bool, size: int = 256) -> li
     return pool
 
 
+def local_copy_dir(root: Path) -> Path:
+    """Where the service keeps its private copy of the served version (AQE_LOCAL_COPY_DIR)."""
+    return root.parent / f"{root.name}-local-copy"
+
+
 def mapped_versions(pid: int, root: Path) -> set[str]:
-    prefix = str(root.resolve() / "versions") + os.sep
+    """Versions whose files the server maps, from the root or from its private copy."""
+    prefixes = [str(d.resolve() / "versions") + os.sep for d in (root, local_copy_dir(root))]
     return {
         m.path[len(prefix) :].split(os.sep)[0]
         for m in psutil.Process(pid).memory_maps()
+        for prefix in prefixes
         if m.path.startswith(prefix)
     }
 

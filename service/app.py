@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
 from aqe_retrieval.errors import FilterError, QueryError
-from service import render
-from service.batcher import Batcher
+from service import openapi, render
+from service.batcher import Batcher, Overloaded
 from service.index_manager import IndexManager
 from service.info import gauge_state
 from service.metrics import Metrics
 from service.middleware import BodyLimit, Observe, body_limit
+from service.reloads import ReloadRequests
 from service.routes import add_routes
 from service.settings import Settings
 
@@ -37,27 +38,41 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     blas = threadpool_limits(settings.threads, user_api="blas")
     manager.reload()
     manager.start_watching(settings.reload_interval_s)
-    app.state.batcher = Batcher(settings.batch_workers, settings.max_batch, settings.threads)
+    requests: ReloadRequests | None = None
+    if settings.metrics_dir is not None:  # several workers: admin reloads reach them all
+        requests = ReloadRequests(settings.metrics_dir, lambda: manager.reload(force=True))
+        requests.start()
+    app.state.reload_requests = requests
+    app.state.batcher = Batcher(
+        settings.batch_workers,
+        settings.max_batch,
+        settings.threads,
+        settings.max_queue,
+        on_drop=app.state.metrics.count_drop,
+    )
     try:
         yield
     finally:
         manager.stop()
+        if requests is not None:
+            requests.stop()
         app.state.batcher.close()
+        app.state.metrics.close()
         blas.restore_original_limits()
 
 
 def create_app(settings: Settings, manager: IndexManager | None = None) -> FastAPI:
     """Build the app; the index is loaded and watched during the lifespan."""
-    manager = manager or IndexManager(
-        settings.index_root, settings.verify_checksums, settings.mmap, settings.max_index_bytes
-    )
-    metrics = Metrics(lambda: gauge_state(manager, settings))
+    manager = manager or IndexManager.from_settings(settings)
+    metrics = Metrics(lambda: gauge_state(manager, settings), settings.metrics_dir)
     manager.subscribe(metrics.count_reload)
 
     app = FastAPI(
         title="AQE retrieval service",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by service.openapi, from local files
+        redoc_url=None,
         description="Nearest gallery items for an embedding, with online alpha-weighted "
         "query expansion over a FAISS index published by `index-builder build`.",
     )
@@ -68,5 +83,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     for error in (QueryError, FilterError):
         app.add_exception_handler(error, render.domain_error)
     app.add_exception_handler(RequestValidationError, render.invalid_body)
+    app.add_exception_handler(Overloaded, render.overloaded)
     add_routes(app)
+    openapi.install(app)
     return app

@@ -4,6 +4,12 @@ Requests read :attr:`IndexManager.searcher` once and keep that object to the end
 changes the version under a request in flight; the old version is released when its last
 request finishes. A version that fails to load is refused and remembered (not retried until
 ``current`` changes or a reload is forced), and the previous one keeps serving.
+
+With ``local_copy_dir`` (``AQE_LOCAL_COPY_DIR``, on by default in the service) and memory
+mapping on, a version is served from a private node-local copy (:mod:`aqe_retrieval.local_copy`):
+files of the shared index root truncated, replaced or deleted underneath cannot kill the
+process with SIGBUS. The copy of the version served before a swap is removed after it. On a
+tmpfs, where a copy would be held in memory, the files are served in place (with a warning).
 """
 
 from __future__ import annotations
@@ -15,8 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from aqe_retrieval import artifact
+from aqe_retrieval import artifact, local_copy
+from aqe_retrieval.filters import DEFAULT_MAX_VALUES
 from aqe_retrieval.searcher import Searcher
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +51,26 @@ class IndexManager:
     """Holds the served :class:`Searcher`; thread-safe reloads, lock-free reads."""
 
     def __init__(
-        self, root: Path, verify_checksums: bool = True, mmap: bool = True, max_index_bytes: int | None = None
+        self,
+        root: Path,
+        verify_checksums: bool = True,
+        mmap: bool = True,
+        max_index_bytes: int | None = None,
+        *,
+        local_copy_dir: Path | None = None,
+        max_filter_values: int = DEFAULT_MAX_VALUES,
     ) -> None:
         self.root = root
+        if mmap and local_copy_dir is not None and local_copy.memory_backed(local_copy_dir):
+            logger.warning(
+                "AQE_LOCAL_COPY_DIR=%s is on a tmpfs, where a copy would be held in memory: serving "
+                "the index root's files in place (a truncated file there can crash the service); "
+                "point it at a disk",
+                local_copy_dir,
+            )
+            local_copy_dir = None
+        self.local_copy_dir = local_copy_dir if mmap else None  # unmapped arrays cannot SIGBUS
+        self.max_filter_values = max_filter_values
         self.max_index_bytes = max_index_bytes
         self.verify_checksums = verify_checksums
         self.mmap = mmap
@@ -56,6 +81,18 @@ class IndexManager:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._listeners: list[Callable[[ReloadOutcome], None]] = []
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexManager:
+        """The manager the service's settings describe."""
+        return cls(
+            settings.index_root,
+            settings.verify_checksums,
+            settings.mmap,
+            settings.max_index_bytes,
+            local_copy_dir=settings.local_copy_dir,
+            max_filter_values=settings.max_filter_values,
+        )
 
     def subscribe(self, listener: Callable[[ReloadOutcome], None]) -> None:
         """Call ``listener`` with the outcome of every reload (metrics use this)."""
@@ -90,13 +127,24 @@ class IndexManager:
                         f"version {target}: {size} bytes of files, over "
                         f"AQE_MAX_INDEX_BYTES={self.max_index_bytes}",
                     )
-            art = artifact.load(self.root, target, check=self.verify_checksums, mmap=self.mmap)
-            searcher = Searcher(art)
+            if self.local_copy_dir is not None:
+                keep = {target} | ({served} if served else set())
+                art = local_copy.load(
+                    self.root, target, self.local_copy_dir, check=self.verify_checksums, keep=keep
+                )
+            else:
+                art = artifact.load(self.root, target, check=self.verify_checksums, mmap=self.mmap)
+            searcher = Searcher(art, max_filter_values=self.max_filter_values)
             searcher.warm_up()
         except Exception as exc:  # any failure to load must leave the old version serving
             return self._fail(target, f"{type(exc).__name__}: {exc}")
         self.searcher = searcher
         self._refused = None
+        if self.local_copy_dir is not None and served not in (None, target):
+            try:  # requests still on the old version keep its (unlinked) pages mapped
+                local_copy.remove_others(self.local_copy_dir, {target})
+            except Exception:
+                logger.exception("could not remove the local copy of version %s", served)
         logger.info("serving version %s (loaded in %.2fs; was %s)", target, time.perf_counter() - t0, served)
         return ReloadOutcome("loaded", target)
 

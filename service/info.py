@@ -2,6 +2,10 @@
 
 The served version's manifest, the last refused reload and the nightly job's status record
 (``artifact.read_status``), with how stale the last successful build is.
+
+Host names, process ids and raw error texts (which can hold paths and internal addresses) are
+shown only to a caller that holds the admin token (``private=True``); anyone else gets the
+same summary without them.
 """
 
 from __future__ import annotations
@@ -43,8 +47,25 @@ def gauge_state(manager: IndexManager, settings: Settings) -> dict[str, Any]:
     return state
 
 
-def info_summary(manager: IndexManager, settings: Settings) -> dict[str, Any]:
-    """The body of ``/info``: served version, its manifest summary, reload and nightly state."""
+# what /info shows only to admins: where the nightly job ran, and raw error texts
+PRIVATE_NIGHTLY_KEYS = ("host", "pid")
+
+
+def public_nightly(job: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The nightly summary without its host, pid and failure text."""
+    if job is None:
+        return None
+    out = {k: v for k, v in job.items() if k not in PRIVATE_NIGHTLY_KEYS}
+    if out.get("last_failure"):
+        out["last_failure"] = {k: v for k, v in out["last_failure"].items() if k != "error"}
+    return out
+
+
+def info_summary(manager: IndexManager, settings: Settings, private: bool = True) -> dict[str, Any]:
+    """The body of ``/info``: served version, its manifest summary, reload and nightly state.
+
+    ``private=False`` (a caller without the admin token): no host names, pids or error texts.
+    """
     s = manager.searcher
     out: dict[str, Any] = {"index_version": s.version if s else None, "ready": s is not None}
     if s is not None:
@@ -64,9 +85,11 @@ def info_summary(manager: IndexManager, settings: Settings) -> dict[str, Any]:
             loaded_at=_utc(s.loaded_at),
             quality=m.quality,
         )
-    out["nightly"] = nightly_summary(settings)
+    job = nightly_summary(settings)
+    out["nightly"] = job if private else public_nightly(job)
     f = manager.last_failure
-    out["last_reload_failure"] = (
-        None if f is None else {"version": f.version, "error": f.error, "at": _utc(f.at)}
-    )
+    failure = None if f is None else {"version": f.version, "error": f.error, "at": _utc(f.at)}
+    if failure is not None and not private:
+        del failure["error"]
+    out["last_reload_failure"] = failure
     return out

@@ -9,6 +9,7 @@ becomes Python lists.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable
@@ -107,6 +108,9 @@ class Observe:
 
         try:
             await self.app(scope, receive, send_observed)
+        except asyncio.CancelledError:
+            status = 499  # the client went away before its answer (nginx's code for it)
+            raise
         finally:
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")

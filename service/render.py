@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from aqe_retrieval.errors import http_status
 from aqe_retrieval.searcher import Hit, Searcher
+from service.batcher import Overloaded
 
 # Answers with more hits than this are turned into JSON in the threadpool, not the event loop.
 RENDER_INLINE_HITS = 2000
@@ -44,6 +45,14 @@ def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     """A query or filter the searcher refused: its message, at the table's status (400)."""
     return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+
+
+async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+    """A search shed for load (queue full, deadline passed): 503, retry after a second."""
+    assert isinstance(exc, Overloaded)
+    return JSONResponse(
+        {"detail": str(exc)}, status_code=503, headers={"Retry-After": str(exc.retry_after_s)}
+    )
 
 
 async def invalid_body(request: Request, exc: Exception) -> JSONResponse:

@@ -12,20 +12,8 @@ FilterCondition = int | float | str | dict[str, Any]
 class SearchRequest(BaseModel):
     """One query (``embedding``) or a batch (``embeddings``), exactly one of the two."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"embedding": [0.12, -0.03, 0.54], "k": 5},
-                {
-                    "embeddings": [[0.12, -0.03, 0.54], [0.2, 0.1, -0.4]],
-                    "k": 3,
-                    "filter": {"camera": {"not_in": [3]}},
-                    "with_metadata": True,
-                },
-            ]
-        },
-    )
+    # examples of the served dimension are added to the OpenAPI document (service.openapi)
+    model_config = ConfigDict(extra="forbid")
 
     embedding: list[float] | None = Field(None, description="one raw query embedding")
     embeddings: list[list[float]] | None = Field(None, description="a batch of raw embeddings")
@@ -52,3 +40,13 @@ class SearchResponse(BaseModel):
 
 class ErrorResponse(BaseModel):
     detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    detail: list[FieldError] = Field(description="where and what, for the first 20 errors")

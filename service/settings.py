@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_local_copy_dir() -> Path:
+    """``$TMPDIR/aqe-local-copy-<uid>``: one per user, so no other user's directory is trusted."""
+    return Path(tempfile.gettempdir()) / f"aqe-local-copy-{os.geteuid()}"
 
 
 class Settings(BaseSettings):
@@ -31,6 +38,27 @@ class Settings(BaseSettings):
         description="threads running batched searches (concurrent requests are "
         "gathered into one FAISS call per worker)",
     )
+    max_queue: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="requests waiting for a search thread, per queue (unfiltered, filtered); "
+        "past it a search is answered 503 with Retry-After",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="deadline of a search from when its handler starts (after its body is "
+        "read): 503 with Retry-After past it, and its queued work is dropped",
+    )
+    read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="time a client has to send a request's headers and body, from its first "
+        "byte (search-service's HTTP protocol); past it the connection is closed",
+    )
     verify_checksums: bool = Field(True, description="recompute checksums when loading a version")
     mmap: bool = Field(True, description="memory-map the level arrays instead of reading them")
     log_level: str = Field("INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
@@ -43,6 +71,33 @@ class Settings(BaseSettings):
         ge=1,
         description="memory budget of one loaded version (sum of its files' sizes in "
         "the manifest); a bigger version is refused before it is loaded; unset: no limit",
+    )
+
+    local_copy_dir: Path | None = Field(
+        default_factory=default_local_copy_dir,
+        description="node-local directory (a disk, not a tmpfs) where each served version is "
+        "copied and verified before it is memory-mapped, so files truncated or deleted in the "
+        "shared index root cannot crash the service (SIGBUS); costs one more copy of the "
+        "version on local disk; 'off' serves the index root's files in place",
+    )
+    max_filter_values: int = Field(
+        1024, ge=1, le=1_000_000, description="values in one filter condition ('in', 'not_in')"
+    )
+
+    @field_validator("local_copy_dir", mode="before")
+    @classmethod
+    def _off_serves_in_place(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        if isinstance(value, str) and not value.strip():  # blank: the default
+            return default_local_copy_dir()
+        return value
+
+    metrics_dir: Path | None = Field(
+        None,
+        validation_alias="PROMETHEUS_MULTIPROC_DIR",
+        description="set by search-service for AQE_WORKERS > 1 (a fresh private directory): "
+        "the workers' shared metrics files and reload counter; not a setting to give",
     )
 
     @field_validator("admin_token", mode="before")

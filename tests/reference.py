@@ -1,4 +1,6 @@
-"""A numpy port of fast-reid's ``aqe`` (shared/seeds/000_...txt): the dense oracle for tests.
+"""A numpy port of fast-reid's ``aqe`` (``fastreid/evaluation/query_expansion.py``): the tests' oracle.
+
+The semantics it pins down are written out in ``docs/AQE.md``.
 
 Kept as close to the reference as numpy allows: a dense N x N similarity matrix, a per-row loop,
 ``argpartition(-sim, range(1, qe_k + 1))[:qe_k]`` (self included), weights ``sim ** alpha``,

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aqe_retrieval import artifact
+from aqe_retrieval.status import NightlyStatus, Success
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
@@ -150,3 +155,107 @@ def test_nothing_published_yet(tmp_path):
     assert artifact.current_version(tmp_path) is None
     with pytest.raises(artifact.ArtifactError, match="nothing published"):
         artifact.load(tmp_path)
+
+
+def test_read_status_tolerates_missing_and_corrupt(tmp_path):
+    assert artifact.read_status(tmp_path) is None
+    artifact.status_path(tmp_path).write_text("{not json")
+    assert artifact.read_status(tmp_path) is None
+
+
+def test_status_record_round_trips(tmp_path):
+    t = datetime(2030, 1, 1, tzinfo=UTC)
+    status = NightlyStatus(host="h", pid=1, last_run_started=t, last_success=Success(time=t, version="v"))
+    artifact.write_status(tmp_path, status)
+    assert artifact.load_status(tmp_path) == status
+    assert artifact.read_status(tmp_path) == status.model_dump(mode="json")
+    assert not [p.name for p in tmp_path.iterdir() if p != artifact.status_path(tmp_path)]
+
+
+class LockHolder:
+    """Another process holding ``root``'s build lock until closed."""
+
+    def __init__(self, root: Path) -> None:
+        code = (
+            "import sys\n"
+            "from pathlib import Path\n"
+            "from aqe_retrieval import artifact\n"
+            f"with artifact.build_lock(Path({str(root)!r})):\n"
+            "    print('held', flush=True)\n"
+            "    sys.stdin.read()\n"
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "held\n"
+
+    def __enter__(self) -> LockHolder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+        self.proc.stdout.close()
+
+
+def test_leftovers_of_another_host_are_removed_whatever_their_pid(tmp_path, small_gallery):
+    """PID 1 is alive on this host, but a leftover of another host's build is dead all the same."""
+    _, paths = small_gallery
+    build_into(tmp_path, paths)
+    leftovers = [
+        tmp_path / ".staging-20200101T000000000000Z-abcdef-1",
+        tmp_path / f".staging-20200101T000000000000Z-abcdef-{os.getpid()}",
+        tmp_path / ".current.tmp-1",
+    ]
+    leftovers[0].mkdir()
+    (leftovers[0] / "level_0.npy").write_bytes(b"half")
+    leftovers[1].mkdir()
+    leftovers[2].write_text("20200101T000000000000Z-abcdef\n")
+    build_into(tmp_path, paths)
+    assert [p for p in leftovers if p.exists()] == []
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_nothing_is_cleaned_while_another_process_holds_the_lock(tmp_path):
+    live = tmp_path / ".staging-20200101T000000000000Z-abcdef-1"
+    live.mkdir()
+    with LockHolder(tmp_path):
+        assert artifact.clean_stale_staging(tmp_path) == []
+        assert live.is_dir()
+        with (
+            pytest.raises(artifact.LockedError, match=r"another build holds \.build\.lock"),
+            artifact.build_lock(tmp_path),
+        ):
+            pass
+    assert artifact.clean_stale_staging(tmp_path) == [live]
+
+
+def test_the_build_lock_is_reentrant_in_its_thread_only(tmp_path):
+    with artifact.build_lock(tmp_path):
+        with artifact.build_lock(tmp_path):  # staging() inside a locked build
+            pass
+        refused = []
+
+        def other() -> None:
+            try:
+                with artifact.build_lock(tmp_path):
+                    pass
+            except artifact.LockedError as exc:
+                refused.append(exc)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert len(refused) == 1
+    with artifact.build_lock(tmp_path):  # released
+        pass
+
+
+def test_rollback_is_refused_while_another_process_holds_the_lock(tmp_path, small_gallery):
+    _, paths = small_gallery
+    build_into(tmp_path, paths)
+    newest = build_into(tmp_path, paths).version
+    with LockHolder(tmp_path), pytest.raises(artifact.LockedError):
+        artifact.rollback(tmp_path)
+    assert artifact.current_version(tmp_path) == newest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import faiss
@@ -13,7 +14,7 @@ import pytest
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import QueryError
 from aqe_retrieval.searcher import Searcher
-from service.batcher import Batcher
+from service.batcher import Batcher, DeadlineExceeded, QueueFull
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +53,17 @@ def test_concurrent_requests_get_their_own_answers(searcher, small_gallery):
 
 def test_versions_are_never_mixed_and_errors_reach_the_caller(built_root, searcher, small_gallery):
     x, _ = small_gallery
-    other = Searcher(artifact.load(built_root))  # another loaded version object
+    # two loaded version objects that record the query rows each is asked to search
+    versions = [_Recording(searcher), _Recording(Searcher(artifact.load(built_root)))]
     batcher = Batcher(workers=1)
     try:
         with ThreadPoolExecutor(8) as pool:
-            pairs = list(
-                pool.map(
-                    lambda i: (i % 2, batcher.search([searcher, other][i % 2], x[i : i + 1], 3)), range(40)
-                )
-            )
-        assert len(pairs) == 40
+            got = list(pool.map(lambda i: batcher.search(versions[i % 2], x[i : i + 1], 3), range(40)))
+        for parity, version in enumerate(versions):
+            seen = np.concatenate(version.seen)
+            assert sorted(seen.tolist()) == sorted(x[parity:40:2].tolist()), "a batch mixed two versions"
+        for i, hits in enumerate(got):
+            assert [h.row for h in hits[0]] == [h.row for h in searcher.search(x[i : i + 1], 3)[0]]
         with pytest.raises(QueryError, match="dimension"):
             batcher.search(searcher, np.ones((1, 5), np.float32), 3)
     finally:
@@ -101,6 +103,20 @@ class _Blocking:
 
     def search_checked(self, queries, k, expand=True, filters=None):
         assert self.gate.wait(10)
+        return self.searcher.search_checked(queries, k, expand, filters)
+
+
+class _Recording:
+    """A searcher stand-in that remembers every batch of query rows it searched."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher, self.seen = searcher, []
+
+    def check_queries(self, queries):
+        return self.searcher.check_queries(queries)
+
+    def search_checked(self, queries, k, expand=True, filters=None):
+        self.seen.append(np.array(queries))
         return self.searcher.search_checked(queries, k, expand, filters)
 
 
@@ -160,3 +176,65 @@ def test_event_loop_callers_get_their_answers_and_may_give_up(searcher, small_ga
         if i != 5:
             want = searcher.search(x[i : i + 1], 3)
             assert [h.row for h in hits[0]] == [h.row for h in want[0]]
+
+
+def test_a_full_queue_refuses_and_a_late_job_is_dropped(searcher, small_gallery):
+    """At most max_queue requests wait; one still queued at its deadline is never searched."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, max_queue=2)
+    gate = threading.Event()
+    try:
+        held = batcher.submit(_Blocking(searcher, gate), x[:1], 2)
+        deadline = time.monotonic() + 5
+        while batcher.queued() and time.monotonic() < deadline:  # the worker took it
+            time.sleep(0.01)
+        late = batcher.submit(_Blocking(searcher, gate), x[1:2], 2, timeout_s=0.05)
+        batcher.submit(searcher, x[2:3], 2)
+        with pytest.raises(QueueFull, match="AQE_MAX_QUEUE"):
+            batcher.submit(searcher, x[3:4], 2)
+        time.sleep(0.1)
+        gate.set()
+        assert len(held.result(timeout=10)[0]) == 2
+        with pytest.raises(DeadlineExceeded):
+            late.result(timeout=10)
+        assert len(batcher.search(searcher, x[4:5], 2)[0]) == 2
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_an_expensive_filter_never_holds_back_unfiltered_requests(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+    try:
+        slow = batcher.submit(_Blocking(searcher, gate), x[:1], 2, filters={"camera": 1})
+        fast = batcher.submit(searcher, x[1:2], 2)
+        assert len(fast.result(timeout=5)[0]) == 2 and not slow.done()
+        gate.set()
+        assert len(slow.result(timeout=10)[0]) == 2
+    finally:
+        gate.set()
+        batcher.close()
+
+
+def test_an_event_loop_caller_is_answered_at_its_deadline(searcher, small_gallery):
+    """A search running past the deadline does not hold its caller; the worker goes on."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit_async(_Blocking(searcher, gate), x[:1], 2, timeout_s=0.1)
+        waited = time.monotonic() - t0
+        gate.set()
+        return waited, await batcher.submit_async(searcher, x[1:2], 2, timeout_s=5)
+
+    try:
+        waited, hits = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.close()
+    assert 0.09 <= waited < 1 and len(hits[0]) == 2

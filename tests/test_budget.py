@@ -219,7 +219,7 @@ def limited_build(tmp_path_factory, big_gallery) -> tuple[Path, subprocess.Compl
     assert gallery.stat().st_size > LIMIT  # the budget comes from the cgroup: no flag
     argv = [sys.executable, "-m", "index_builder.cli", *_build(gallery, root, *GRAPH)]
     with MemoryCgroup(LIMIT) as cg:
-        done = cg.run(argv, env=_env(), timeout=240)
+        done = cg.run(argv, env=_env(), timeout=600)
     return root, done, cg.peak_rss
 
 

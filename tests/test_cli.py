@@ -88,7 +88,7 @@ def test_build_list_verify_rollback(tmp_path, small_gallery, capsys):
     assert artifact.current_version(root) == first
     (root / "versions" / first / "serving.faiss").write_bytes(b"garbage")
     assert main(["verify", str(root), first]) == 1
-    assert "checksum" in capsys.readouterr().err or True
+    assert f"{first}: serving.faiss: 7 bytes, manifest says" in capsys.readouterr().err
 
 
 def _bad_inputs(tmp_path):
@@ -215,3 +215,21 @@ def test_cli_serving_index_auto_and_fast_knn_flags(tmp_path, small_gallery):
     assert main([*args, "--knn", "HNSW8", "--batch-lists"]) == 2
     with pytest.raises(SystemExit):
         main([*args, "--exact-kernel", "nope"])
+
+
+def test_build_and_rollback_exit_3_while_another_process_holds_the_lock(tmp_path, small_gallery, caplog):
+    from test_artifact import LockHolder
+
+    _, paths = small_gallery
+    root = tmp_path / "root"
+    build = ["build", "--gallery", str(paths["gallery"]), "--root", str(root), "--no-progress"]
+    assert main(build) == 0 and main(build) == 0
+    before = (artifact.current_version(root), artifact.version_ids(root))
+    with LockHolder(root):
+        assert main(build) == 3
+        assert main(["rollback", str(root)]) == 3
+        assert main(["nightly", *build[1:]]) == 3
+    assert "another build holds .build.lock (pid" in caplog.text
+    assert (artifact.current_version(root), artifact.version_ids(root)) == before
+    assert not list(root.glob(".staging-*"))
+    assert main(["rollback", str(root)]) == 0  # released

@@ -193,3 +193,26 @@ def test_compose_publishes_on_loopback_only(compose) -> None:
         assert int(container) == expose == int(search["environment"]["AQE_PORT"])
     for name in ("nightly", "build"):
         assert "ports" not in compose["services"][name]
+
+
+def test_start_up_may_take_as_long_as_loading_the_largest_version(objects) -> None:
+    """The first load runs before the port answers: the startupProbe must hold liveness off."""
+    container = _pod(_one(objects, "Deployment"))["spec"]["containers"][0]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    # /healthz: a process with nothing (or only refused versions) to serve is alive, not broken
+    assert startup["httpGet"]["path"] == "/healthz" == liveness["httpGet"]["path"]
+    budget_s = startup["periodSeconds"] * startup["failureThreshold"]
+    assert budget_s >= 600  # 10 s/GB planned (copy + checksum): a 60 GB version
+    assert "initialDelaySeconds" not in liveness  # the startupProbe replaces it
+
+
+def test_the_local_copy_is_on_a_disk_volume_the_service_can_write(objects) -> None:
+    pod = _pod(_one(objects, "Deployment"))["spec"]
+    container = pod["containers"][0]
+    local = Path(_env(container)["AQE_LOCAL_COPY_DIR"])
+    mounts = [m for m in container["volumeMounts"] if local.is_relative_to(m["mountPath"])]
+    assert len(mounts) == 1 and local != Path(mounts[0]["mountPath"])  # a directory it creates (0700)
+    assert not mounts[0].get("readOnly", False)
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts[0]["name"]]
+    # node disk, not a tmpfs: pages of a tmpfs copy would be memory, not reclaimable page cache
+    assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory"

@@ -187,21 +187,6 @@ def test_old_versions_are_pruned(gallery: Path, tmp_path: Path) -> None:
     assert artifact.current_version(root) == published[-1]
 
 
-def test_read_status_tolerates_missing_and_corrupt(tmp_path: Path) -> None:
-    assert artifact.read_status(tmp_path) is None
-    artifact.status_path(tmp_path).write_text("{not json")
-    assert artifact.read_status(tmp_path) is None
-
-
-def test_staleness_seconds() -> None:
-    t = datetime(2025, 1, 2, 3, 0, tzinfo=UTC)
-    record = {"last_success": {"time": t.isoformat(), "version": "v"}}
-    assert staleness_seconds(record, t + timedelta(hours=1)) == 3600.0
-    assert staleness_seconds(record, (t + timedelta(seconds=5)).timestamp()) == 5.0
-    assert staleness_seconds({"last_success": None}, t) is None
-    assert staleness_seconds(None, t) is None
-
-
 def test_status_clock_is_injectable(gallery: Path, tmp_path: Path) -> None:
     t = datetime(2030, 6, 1, 2, 0, tzinfo=UTC)
     config = BuildConfig(gallery=gallery, root=tmp_path, params=AqeParams(qe_k=3), show_progress=False)

@@ -11,12 +11,12 @@ from helpers import clustered_data, random_data
 from reference import reference_aqe
 
 from aqe_retrieval import aqe, artifact
-from aqe_retrieval.faiss_search import exact_knn, exact_knn_blocks
+from aqe_retrieval.faiss_search import exact_knn, exact_knn_blocks, search_by_lists
 from aqe_retrieval.searcher import Searcher
 from index_builder.build import build
 from index_builder.config import BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams, expand_block, expand_streamed
-from index_builder.ivf_batch import batch_list_search, search_by_lists
+from index_builder.ivf_batch import batch_list_search
 from index_builder.ondisk import OnDiskLists, fill_ondisk, is_ondisk
 from index_builder.storage import ArrayStore
 from index_builder.symmetric import symmetric_self_knn

@@ -71,10 +71,12 @@ def test_evaluate_reports_every_method_and_writes_json_and_plots(tmp_path, capsy
     assert any("IVF4,Flat" in n for n in names) and any(n.startswith("served top-20") for n in names)
     assert report["queries"] == 40 and report["gallery"] == len(x) - 40
     for row in report["table"].values():
-        assert 0 <= row["mAP"] <= 1 and row["mAP"] in (row["mAP"],)
+        assert 0 <= row["mAP"] <= 1 and 0 <= row["mINP"] <= 1 and 0 <= row["rank1"] <= 1
+        assert row["num_valid"] + row["num_skipped"] == 40
     assert len(report["sweep"]) == 4
     # qe_k = 1 is the identity expansion: exactly the raw ranking
     q1 = [s for s in report["sweep"] if s["qe_k"] == 1]
+    assert len(q1) == 2  # one per alpha: all() below must not pass on nothing
     assert all(s["mAP"] == pytest.approx(report["table"]["raw"]["mAP"]) for s in q1)
     assert "aqe-serving (exact)" in out and "sweep" in out
     assert (tmp_path / "plots" / "cmc.png").stat().st_size > 1000

@@ -197,7 +197,7 @@ def test_corrupt_version_is_refused_and_the_old_one_keeps_serving(served, case):
     body = r.json()
     assert body["status"] == "failed" and body["version"] == v2 and body["serving"] == v1
     assert re.search(reason, body["error"], re.S), body["error"]
-    info = client.get("/info").json()
+    info = client.get("/info", headers=ADMIN).json()  # the error text is for admins only
     assert info["index_version"] == v1
     assert info["last_reload_failure"]["version"] == v2
     assert re.search(reason, info["last_reload_failure"]["error"], re.S)
@@ -227,7 +227,7 @@ def test_bad_current_pointer_is_refused_and_the_old_version_serves(served, point
     (root / "current").write_bytes(pointer)
     r = client.post("/admin/reload", headers=ADMIN)
     assert r.status_code == 409 and re.search(reason, r.json()["error"]), r.text
-    assert re.search(reason, client.get("/info").json()["last_reload_failure"]["error"])
+    assert re.search(reason, client.get("/info", headers=ADMIN).json()["last_reload_failure"]["error"])
     assert_still_serving(client, x, v1)
 
 
@@ -236,14 +236,16 @@ def test_watcher_refuses_a_corrupt_version_without_an_admin_call(tmp_path, built
     root = tmp_path / "root"
     shutil.copytree(built_root, root)
     v1 = artifact.current_version(root)
-    with TestClient(create_app(Settings(index_root=root, reload_interval_s=0.05))) as client:
+    with TestClient(
+        create_app(Settings(index_root=root, reload_interval_s=0.05, admin_token="adm1n"))
+    ) as client:
         v2 = publish(root, paths)
         truncate(root / "versions" / v2 / "level_0.npy")
         deadline = time.monotonic() + 10
         while client.get("/info").json()["last_reload_failure"] is None:
             assert time.monotonic() < deadline, "the watcher never refused the damaged version"
             time.sleep(0.05)
-        failure = client.get("/info").json()["last_reload_failure"]
+        failure = client.get("/info", headers=ADMIN).json()["last_reload_failure"]
         assert failure["version"] == v2 and "level_0.npy" in failure["error"]
         time.sleep(0.3)  # refused once, not retried every poll
         assert failures(client) == 1
@@ -255,12 +257,15 @@ def test_corrupt_first_version_leaves_the_service_alive_but_not_ready(tmp_path, 
     root = tmp_path / "root"
     v1 = publish(root, paths)
     flip_bytes(root / "versions" / v1 / "serving.faiss")
-    with TestClient(create_app(Settings(index_root=root, reload_interval_s=0))) as client:
+    with TestClient(
+        create_app(Settings(index_root=root, reload_interval_s=0, admin_token="adm1n"))
+    ) as client:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
         r = client.post("/search", json={"embedding": [1.0] * 32})
         assert r.status_code == 503 and "no index version" in r.json()["detail"]
-        assert "checksum mismatch" in client.get("/info").json()["last_reload_failure"]["error"]
+        info = client.get("/info", headers=ADMIN).json()  # error texts are for admins only
+        assert "checksum mismatch" in info["last_reload_failure"]["error"]
 
 
 def test_without_checksums_the_load_time_checks_still_refuse(tmp_path, built_root, small_gallery):
@@ -268,7 +273,14 @@ def test_without_checksums_the_load_time_checks_still_refuse(tmp_path, built_roo
     root = tmp_path / "root"
     shutil.copytree(built_root, root)
     v1 = artifact.current_version(root)
-    settings = Settings(index_root=root, reload_interval_s=0, admin_token="adm1n", verify_checksums=False)
+    # served in place: the private copy checks sizes while copying, before these load-time checks
+    settings = Settings(
+        index_root=root,
+        reload_interval_s=0,
+        admin_token="adm1n",
+        verify_checksums=False,
+        local_copy_dir="off",
+    )
     with TestClient(create_app(settings)) as client:
         for damage, reason in [
             (lambda v: truncate(v / "serving.faiss"), "serving.faiss: FAISS cannot read it"),

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from aqe_retrieval import artifact
+from aqe_retrieval.filters import DEFAULT_MAX_VALUES
 from index_builder.build import build
 from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
@@ -88,7 +89,11 @@ def test_an_oversized_batch_is_refused_before_it_is_parsed(client):
 def test_the_largest_legal_batch_fits_even_pretty_printed(client):
     """The derived limit leaves room for the verbose JSON a client may send (float64 reprs)."""
     body = json.dumps(
-        {"embeddings": rows(MAX_BATCH), "k": MAX_K, "filter": {"camera": {"not_in": list(range(5000))}}},
+        {
+            "embeddings": rows(MAX_BATCH),
+            "k": MAX_K,
+            "filter": {"camera": {"not_in": list(range(DEFAULT_MAX_VALUES))}},
+        },
         indent=8,
     ).encode()
     assert len(body) > MAX_BATCH * D * 30
@@ -137,11 +142,12 @@ def version_bytes(root, version: str | None) -> int:
 def test_a_version_over_the_memory_budget_is_refused_at_start_up(built_root):
     version = artifact.current_version(built_root)
     size = version_bytes(built_root, version)
-    s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size - 1)
+    s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size - 1, admin_token="t")
     with TestClient(create_app(s)) as c:
         assert c.get("/healthz").status_code == 200
         assert c.get("/readyz").status_code == 503
-        failure = c.get("/info").json()["last_reload_failure"]
+        # the error text is for admins only
+        failure = c.get("/info", headers={"Authorization": "Bearer t"}).json()["last_reload_failure"]
         assert failure["version"] == version
         assert "AQE_MAX_INDEX_BYTES" in failure["error"] and str(size) in failure["error"]
     s = Settings(index_root=built_root, reload_interval_s=0, max_index_bytes=size)

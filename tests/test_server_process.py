@@ -78,7 +78,7 @@ def server(request, tmp_path, small_gallery):
             time.sleep(0.1)
         else:
             pytest.fail("search-service did not become ready:\n" + (tmp_path / "server.log").read_text())
-        yield url, root, paths
+        yield url, root, paths, request.param
     finally:
         proc.terminate()
         try:
@@ -90,7 +90,7 @@ def server(request, tmp_path, small_gallery):
 
 
 def test_served_over_http_with_reload(server, small_gallery):
-    url, root, paths = server
+    url, root, paths, workers = server
     x, _ = small_gallery
     r = httpx.post(
         f"{url}/search",
@@ -124,7 +124,11 @@ def test_served_over_http_with_reload(server, small_gallery):
             assert time.monotonic() < deadline, "new version not picked up"
             time.sleep(0.1)
         assert len(r.json()["results"]) == 2
-        assert "aqe_reloads_total 2.0" in client.get("/metrics").text
+        # /metrics is one view of every worker: two loads in each, once all have reloaded
+        want = f"aqe_reloads_total {2.0 * workers}"
+        while want not in client.get("/metrics").text:
+            assert time.monotonic() < deadline, client.get("/metrics").text
+            time.sleep(0.1)
 
 
 def test_bad_configuration_stops_start_up(tmp_path):

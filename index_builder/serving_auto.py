@@ -1,0 +1,305 @@
+"""``--serving-index auto``: the fastest index whose held-out recall@k meets the target, within budget.
+
+Candidates, each built once and then tuned smallest-first with an early stop:
+
+* ``exact`` (flat, ``4 n d`` bytes): recall 1 by construction, the fallback that always meets it;
+* ``IVF<nlist>,Flat``, ``IVF<nlist>,SQ8``, ``IVF<nlist>,PQ<d/4>``: one trained coarse quantizer
+  and one coarse assignment shared by all three; nprobe climbs :data:`NPROBE_LADDER`;
+* ``HNSW32`` and ``HNSW32_SQ8``: one graph, built over the float rows, shared by both storages;
+  efSearch climbs :data:`EF_LADDER`.
+
+Each configuration is measured on :class:`~index_builder.heldout.QuerySample` queries (held-out,
+online-expanded: the way queries arrive) against exact search over the same rows: recall@k from
+one batched search, cost as the median of single-query searches on one FAISS thread (what a
+service search thread runs with, ``AQE_THREADS=1``). A ladder stops at the first configuration
+that meets the target or once it is slower than the best one that did. The cheapest configuration
+meeting the target wins; if none does, the most accurate, with a warning. Every configuration
+tried goes into the manifest (:class:`~aqe_retrieval.manifest.IndexCandidate`). Peak memory: the
+rows, the best index so far and the family being measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+from faiss import swig_ptr
+
+from aqe_retrieval.faiss_search import exact_knn, search_parameters
+from aqe_retrieval.manifest import IndexCandidate, ServingIndexEntry
+from index_builder.graph_auto import graph_nlist
+from index_builder.heldout import QuerySample, search_held_out
+from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
+
+logger = logging.getLogger(__name__)
+
+NPROBE_LADDER = (4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512)
+EF_LADDER = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+HNSW_M = 32
+TIME_QUERIES = 200
+"""Single-query searches timed per configuration (the first rows of the sample)."""
+PQ_TRAIN = 16_384
+"""Rows IVF-PQ's codebooks are trained on (64 per centroid of its 256-entry sub-quantizers)."""
+KINDS = ("exact", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw", "hnsw-sq8")
+
+
+@dataclass
+class Trial:
+    """One measured configuration; ``index`` is dropped once it can no longer win."""
+
+    method: str
+    index: Any
+    nprobe: int | None
+    ef_search: int | None
+    recall: float
+    ms: float
+    bytes: int
+
+    def record(self) -> IndexCandidate:
+        """The manifest's record of this trial."""
+        return IndexCandidate(
+            method=self.method,
+            nprobe=self.nprobe,
+            ef_search=self.ef_search,
+            recall_at_k=round(self.recall, 4),
+            ms_per_query=round(self.ms, 4),
+            bytes=self.bytes,
+        )
+
+
+def select_index(
+    u: np.ndarray,
+    queries: QuerySample,
+    k: int,
+    target: float,
+    memory_budget_gib: float,
+    seed: int = 0,
+    block_size: int = 16384,
+    what: str = "serving index",
+    kinds: tuple[str, ...] = KINDS,
+) -> tuple[Any, ServingIndexEntry]:
+    """The chosen index over ``u`` (n, d) normalised rows and its manifest entry (candidates listed)."""
+    t0 = time.perf_counter()
+    n, d = u.shape
+    budget = memory_budget_gib * 2**30
+    truth = search_held_out(lambda xq, kk: exact_knn(xq, u, kk)[1], queries, k)
+    trials: list[Trial] = []
+    best: Trial | None = None  # the cheapest meeting the target, else the most accurate
+
+    def measure(method: str, index: Any, nprobe: int | None = None, ef: int | None = None) -> Trial:
+        nonlocal best
+        params = search_parameters(index, nprobe, ef)
+        found = search_held_out(lambda xq, kk: index.search(xq, kk, params=params)[1], queries, k)
+        trial = Trial(method, index, nprobe, ef, set_recall(found, truth), 0.0, index_bytes(index))
+        trial.ms = ms_per_query(index, params, queries.xq[:TIME_QUERIES], k + (queries.own is not None))
+        trials.append(trial)
+        logger.info(
+            "%s auto: %s nprobe %s efSearch %s: recall@%d %.4f, %.3f ms/query, %.0f MiB",
+            what, method, nprobe, ef, k, trial.recall, trial.ms, trial.bytes / 2**20,
+        )  # fmt: skip
+        if best is None or _better(trial, best, target):
+            best = trial
+        for other in trials:  # only the best index stays alive (besides the one being tuned)
+            if other is not best:
+                other.index = None
+        return trial
+
+    def ladder(method: str, index: Any, values: list[int], ivf: bool) -> None:
+        for value in values:
+            trial = measure(method, index, *((value, None) if ivf else (None, value)))
+            met = best is not None and best.recall >= target and best is not trial
+            if trial.recall >= target or (met and best is not None and trial.ms > best.ms):
+                return
+
+    fits = []
+    for kind, method, size in candidates(n, d, kinds):
+        if size <= budget:
+            fits.append((kind, method))
+        else:
+            logger.info("%s auto: %s skipped, needs %.2f GiB > %s GiB", what, method, size / 2**30, budget)
+    if ("exact", "exact") in fits:
+        flat = faiss.IndexFlatIP(d)
+        _add(flat, u, block_size)
+        measure("exact", flat)
+        del flat
+    ivf_methods = [method for kind, method in fits if kind.startswith("ivf")]
+    for method, index in ivf_family(u, seed, block_size, ivf_methods):
+        nlist = faiss.extract_index_ivf(index).nlist
+        ladder(method, index, [p for p in NPROBE_LADDER if p < nlist] + [nlist], ivf=True)
+        del index
+    hnsw_kinds = {kind for kind, _ in fits if kind.startswith("hnsw")}
+    if hnsw_kinds:
+        for method, index in hnsw_family(u, seed, block_size, hnsw_kinds):
+            ladder(method, index, [e for e in EF_LADDER if e >= k] or [k], ivf=False)
+            del index
+    if best is None:
+        raise ValueError(f"{what}: no candidate index fits the memory budget of {memory_budget_gib} GiB")
+    if best.recall < target:
+        logger.warning(
+            "%s auto: no index within %s GiB reaches recall@%d %.2f; the most accurate, %s, has %.4f",
+            what, memory_budget_gib, k, target, best.method, best.recall,
+        )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    logger.info(
+        "%s auto: chose %s (nprobe %s, efSearch %s): recall@%d %.4f, %.3f ms/query; %d tried in %.1f s",
+        what, best.method, best.nprobe, best.ef_search, k, best.recall, best.ms, len(trials), seconds,
+    )  # fmt: skip
+    index = best.index
+    entry = ServingIndexEntry(
+        spec=best.method,
+        index_type=type(faiss.downcast_index(index)).__name__,
+        nprobe=best.nprobe,
+        ef_search=best.ef_search,
+        recall_at_k=round(best.recall, 4),
+        recall_k=k,
+        recall_sample=len(queries.xq),
+        recall_queries=queries.source,
+        recall_target=target,
+        below_target=best.recall < target,
+        ms_per_query=round(best.ms, 4),
+        bytes=best.bytes,
+        selection_seconds=round(seconds, 2),
+        candidates=[t.record() for t in trials],
+    )
+    return index, entry
+
+
+def _better(trial: Trial, best: Trial, target: float) -> bool:
+    if (trial.recall >= target) != (best.recall >= target):
+        return trial.recall >= target
+    if trial.recall >= target:
+        return trial.ms < best.ms
+    return trial.recall > best.recall
+
+
+def candidates(n: int, d: int, kinds: tuple[str, ...] = KINDS) -> list[tuple[str, str, int]]:
+    """``(kind, factory string, estimated bytes)`` of every candidate, in the order they are tried.
+
+    IVF bytes count codes, list ids and the direct map (16 bytes a row) and the centroids.
+    """
+    nlist = graph_nlist(n)
+    m = pq_m(d)
+    out = [("exact", "exact", 4 * n * d)]
+    if n >= 39 * 2:  # fewer rows cannot train even two lists
+        centroids = nlist * d * 4
+        out += [
+            ("ivf-flat", f"IVF{nlist},Flat", n * (4 * d + 16) + centroids),
+            ("ivf-sq8", f"IVF{nlist},SQ8", n * (d + 16) + centroids),
+            ("ivf-pq", f"IVF{nlist},PQ{m}", n * (m + 16) + centroids),
+        ]
+    out += [
+        ("hnsw", f"HNSW{HNSW_M}", hnsw_bytes(n, d, 4)),
+        ("hnsw-sq8", f"HNSW{HNSW_M}_SQ8", hnsw_bytes(n, d, 1)),
+    ]
+    return [c for c in out if c[0] in kinds]
+
+
+def hnsw_bytes(n: int, d: int, bytes_per_dim: int) -> int:
+    """Estimated size of HNSW<M> over n rows: storage plus about ``2 M * 1.07`` links of 4 bytes a row."""
+    return int(n * (bytes_per_dim * d + 2 * HNSW_M * 4 * 1.07 + 16))
+
+
+def pq_m(d: int) -> int:
+    """PQ sub-quantizers for dimension d: the largest divisor of d at most ``d / 4`` (8 bits each)."""
+    return max(m for m in range(1, max(d // 4, 1) + 1) if d % m == 0)
+
+
+def ivf_family(u: np.ndarray, seed: int, block_size: int, methods: list[str]) -> Iterator[tuple[str, Any]]:
+    """The IVF candidates ``methods``, one at a time: one quantizer trained, one assignment computed."""
+    if not methods:
+        return
+    n, d = u.shape
+    nlist = int(methods[0].removeprefix("IVF").split(",")[0])
+    coarse = build_index(u, KnnSpec(method=f"IVF{nlist},Flat", seed=seed), block_size, add=False)
+    quantizer = faiss.extract_index_ivf(coarse).quantizer
+    centroids = quantizer.reconstruct_n(0, nlist)
+    assign = np.empty(n, dtype=np.int64)
+    for lo in range(0, n, block_size):
+        assign[lo : lo + block_size] = quantizer.search(np.ascontiguousarray(u[lo : lo + block_size]), 1)[1][
+            :, 0
+        ]
+    train = np.ascontiguousarray(u[sample_rows(n, max(50 * nlist, 10_000), seed)])
+    for method in methods:
+        index = (
+            coarse if method.endswith(",Flat") else faiss.index_factory(d, method, faiss.METRIC_INNER_PRODUCT)
+        )
+        ivf = faiss.extract_index_ivf(index)
+        if index is not coarse:
+            ivf.quantizer.add(centroids)
+            codec: Any = faiss.downcast_index(ivf)
+            if hasattr(codec, "do_polysemous_training"):  # IVF-PQ: slow, and plain search ignores it
+                codec.do_polysemous_training = False
+            # the codec only: the quantizer is trained and full. PQ's k-means per sub-space took
+            # 206 of a 339 s selection at 200,000 x 256 on 102,400 rows: PQ_TRAIN rows suffice
+            index.train(train[:PQ_TRAIN] if hasattr(codec, "pq") else train)
+        for lo in range(0, n, block_size):
+            xb, near = np.ascontiguousarray(u[lo : lo + block_size]), assign[lo : lo + block_size]
+            ivf.add_core(len(xb), swig_ptr(xb), None, swig_ptr(near))
+        ivf.make_direct_map()  # the service reconstructs rows for its exact fallback under filters
+        yield method, index
+
+
+def hnsw_family(u: np.ndarray, seed: int, block_size: int, kinds: set[str]) -> Iterator[tuple[str, Any]]:
+    """``HNSW32`` over the float rows, then the same graph over SQ8 codes (``kinds``: which of them)."""
+    n, d = u.shape
+    graph: Any = faiss.index_factory(d, f"HNSW{HNSW_M}", faiss.METRIC_INNER_PRODUCT)
+    _add(graph, u, block_size)
+    if "hnsw" in kinds:
+        yield f"HNSW{HNSW_M}", graph
+    if "hnsw-sq8" in kinds:
+        sq: Any = faiss.index_factory(d, f"HNSW{HNSW_M}_SQ8", faiss.METRIC_INNER_PRODUCT)
+        sq.train(np.ascontiguousarray(u[sample_rows(n, 100_000, seed)]))
+        _add(sq.storage, u, block_size)
+        sq.hnsw = graph.hnsw  # a copy of the links: the graph is built once
+        sq.ntotal = n
+        del graph
+        yield f"HNSW{HNSW_M}_SQ8", sq
+
+
+def index_bytes(index: Any) -> int:
+    """Bytes ``index`` holds in memory: codes, ids, direct map, centroids, graph links."""
+    index = faiss.downcast_index(index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        return int(ivf.ntotal * (ivf.code_size + 16) + ivf.nlist * ivf.d * 4)
+    if isinstance(index, faiss.IndexHNSW):
+        h: Any = index.hnsw
+        links = h.neighbors.size() * 4 + h.levels.size() * 4 + h.offsets.size() * 8
+        return int(links + index_bytes(index.storage))
+    return int(index.ntotal * index.code_size) if hasattr(index, "code_size") else 4 * index.ntotal * index.d
+
+
+def ms_per_query(index: Any, params: Any, xq: np.ndarray, k: int) -> float:
+    """Median milliseconds of one single-query search, FAISS on one thread (as the service runs)."""
+    times = []
+    with _faiss_threads(1):
+        for i in range(-min(5, len(xq)), len(xq)):  # the first few warm up, untimed
+            q = xq[abs(i) : abs(i) + 1]
+            t = time.perf_counter()
+            index.search(q, k, params=params)
+            if i >= 0:
+                times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1000) if times else 0.0
+
+
+@contextmanager
+def _faiss_threads(threads: int) -> Iterator[None]:
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def _add(index: Any, u: np.ndarray, block_size: int, progress: Callable[[int], None] | None = None) -> None:
+    for lo in range(0, u.shape[0], block_size):
+        index.add(np.ascontiguousarray(u[lo : lo + block_size]))
+        if progress:
+            progress(min(block_size, u.shape[0] - lo))

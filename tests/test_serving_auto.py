@@ -1,0 +1,137 @@
+"""``--serving-index auto``: the cheapest candidate meeting the target, checked against brute force."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from helpers import clustered_data, write_gallery
+
+from aqe_retrieval import artifact
+from aqe_retrieval.aqe import normalize_rows
+from aqe_retrieval.faiss_search import search_parameters
+from aqe_retrieval.manifest import Manifest
+from aqe_retrieval.online import GalleryLevel, expand_online
+from index_builder.build import build
+from index_builder.config import BuildConfig, ServingSpec
+from index_builder.expansion import AqeParams, expand_source
+from index_builder.heldout import QuerySample, drop_own
+from index_builder.inputs import as_source
+from index_builder.knn import sample_rows, set_recall
+from index_builder.serving_auto import candidates, select_index
+
+N, D, QE_K = 6000, 32, 5
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    x = clustered_data(N, D, seed=21)
+    paths = write_gallery(tmp_path_factory.mktemp("auto-gallery"), x, with_metadata=False)
+    root = tmp_path_factory.mktemp("auto-root")
+    u, _ = expand_source(as_source(x), AqeParams(qe_k=QE_K), show_progress=False)  # exact, as built
+    kinds = ("exact", "ivf-flat", "ivf-sq8", "hnsw", "hnsw-sq8")  # IVF-PQ: see the budget test
+    serving = ServingSpec(method="auto", exact_max_n=1000, recall_sample=400, candidates=kinds)
+    build(
+        BuildConfig(
+            gallery=paths["gallery"],
+            root=root,
+            params=AqeParams(qe_k=QE_K),
+            serving=serving,
+            expansion_index="exact",
+            show_progress=False,
+        )
+    )
+    return artifact.load(root), normalize_rows(u)[0]
+
+
+def brute_held_out(art: artifact.Artifact, rows: np.ndarray) -> np.ndarray:
+    """Online-expanded queries of gallery ``rows`` expanded against the rest, and their exact top-k.
+
+    numpy only: each level's neighbours by a full dot product with the query's own row masked.
+    """
+    own = np.zeros((len(rows), art.manifest.n), dtype=bool)
+    own[np.arange(len(rows)), rows] = True
+
+    def level(lv: artifact.Level) -> GalleryLevel:
+        def search(u: np.ndarray, kk: int) -> np.ndarray:
+            s = np.where(own, -np.inf, u @ np.asarray(lv.rows).T)
+            return np.argsort(-s, axis=1, kind="stable")[:, :kk]
+
+        return GalleryLevel(lv.rows, lv.norms, search)
+
+    first = art.levels[0]
+    raw = np.asarray(first.rows)[rows] * np.asarray(first.norms)[rows, None]
+    return normalize_rows(expand_online(raw, [level(lv) for lv in art.levels], QE_K, 3.0))[0]
+
+
+def test_auto_meets_its_target_on_held_out_online_expanded_queries(published):
+    art, u = published
+    entry = art.manifest.serving_index
+    assert entry.recall_target == 0.97 and entry.recall_queries == "held-out gallery rows"
+    assert not entry.below_target and entry.recall_at_k >= 0.97
+    # every candidate kind was measured and recorded, with recall, cost and size
+    tried = {c.method for c in entry.candidates}
+    assert {"exact", "IVF128,Flat", "IVF128,SQ8", "HNSW32", "HNSW32_SQ8"} == tried
+    assert all(c.recall_at_k is not None and c.ms_per_query > 0 and c.bytes > 0 for c in entry.candidates)
+    # the chosen one is the cheapest of those meeting the target
+    meeting = [c for c in entry.candidates if c.recall_at_k >= 0.97]
+    assert entry.ms_per_query == min(c.ms_per_query for c in meeting)
+    assert entry.selection_seconds is not None and entry.bytes > 0
+
+    # oracle: other held-out rows, expanded and answered by brute force in numpy
+    rows = sample_rows(N, 300, seed=99)
+    xq = brute_held_out(art, rows)
+    scores = np.where(np.eye(N, dtype=bool)[rows], -np.inf, xq @ u.T)
+    truth = np.argsort(-scores, axis=1, kind="stable")[:, :10]
+    params = search_parameters(art.serving_index, entry.nprobe, entry.ef_search)
+    found = drop_own(art.serving_index.search(xq, 11, params=params)[1], rows, 10)
+    assert set_recall(found, truth) >= 0.97 - 0.02  # another sample of 300 queries
+
+
+def test_no_candidate_meets_the_target_the_most_accurate_is_kept_with_a_warning(caplog):
+    u, _ = normalize_rows(clustered_data(3000, 32, seed=5))
+    rows = sample_rows(3000, 200, 1)
+    queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
+    with caplog.at_level(logging.WARNING):
+        _, entry = select_index(u, queries, 10, 1.0, 4.0, kinds=("hnsw-sq8", "ivf-sq8"))
+    assert entry.below_target and "no index within" in caplog.text
+    assert entry.recall_at_k == max(c.recall_at_k for c in entry.candidates)
+    assert {c.method for c in entry.candidates} == {"HNSW32_SQ8", "IVF64,SQ8"}
+
+
+def test_the_memory_budget_leaves_out_what_does_not_fit():
+    n, d = 3000, 32
+    flat = 4 * n * d
+    sizes = {kind: size for kind, _, size in candidates(n, d)}
+    assert sizes["exact"] == flat and sizes["ivf-pq"] < sizes["ivf-sq8"] < sizes["ivf-flat"]
+    u, _ = normalize_rows(clustered_data(n, d, seed=6))
+    rows = sample_rows(n, 200, 1)
+    queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
+    budget = (sizes["ivf-sq8"] + 1) / 2**30  # flat, IVF-Flat and both HNSW do not fit
+    _, entry = select_index(u, queries, 10, 0.9, budget)
+    assert {c.method for c in entry.candidates} == {"IVF64,SQ8", "IVF64,PQ8"}
+    assert all(c.bytes <= budget * 2**30 for c in entry.candidates)
+
+
+def test_manifests_without_the_new_fields_still_load(published):
+    art, _ = published
+    data = json.loads(art.manifest.model_dump_json())
+    for key in ("graph_recall_target", "graph_below_target"):
+        data.pop(key)
+    for key in (
+        "recall_queries",
+        "recall_target",
+        "below_target",
+        "ms_per_query",
+        "bytes",
+        "selection_seconds",
+        "candidates",
+    ):
+        data["serving_index"].pop(key)
+    for level in data["levels"]:
+        for key in ("recall_target", "below_target", "candidates"):
+            level.pop(key)
+    old = Manifest.model_validate(data)
+    assert old.format_version == 1 and old.serving_index.candidates == [] and not old.graph_below_target
