@@ -224,6 +224,7 @@ def limited_build(tmp_path_factory, big_gallery) -> tuple[Path, subprocess.Compl
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_build_in_a_cgroup_smaller_than_the_gallery_serves_what_the_unlimited_one_does(
     big_gallery, unlimited_root, limited_build
 ):
@@ -240,6 +241,7 @@ def test_a_build_in_a_cgroup_smaller_than_the_gallery_serves_what_the_unlimited_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_the_service_in_a_cgroup_smaller_than_its_version_keeps_answering(
     tmp_path, big_gallery, unlimited_root, limited_build
 ):
