@@ -8,8 +8,10 @@ and removed afterwards. :func:`unavailable` says why a test must skip.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -52,12 +54,23 @@ class MemoryCgroup:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for _ in range(400):  # a killed process leaves the cgroup a moment after it is reaped
+        for attempt in range(400):  # a killed process leaves the cgroup a moment after it is reaped
             try:
                 self.path.rmdir()
                 return
             except OSError:
+                if attempt == 40:  # whatever is still in it was started inside it by this test
+                    for pid in self.pids():
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 time.sleep(0.05)
+
+    def pids(self) -> list[int]:
+        """The processes in the cgroup now."""
+        try:
+            return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+        except OSError:
+            return []
 
     def command(self, argv: list[str]) -> list[str]:
         """``argv`` wrapped so that it runs inside the cgroup."""
