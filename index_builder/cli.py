@@ -25,6 +25,7 @@ from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder import nightly
 from index_builder.budget import bound_malloc, detect_budget, parse_size, plan_build
 from index_builder.build import build, workload
+from index_builder.cluster import ClusterSpec
 from index_builder.config import EXPANSION_INDEXES, BuildConfig, GateSpec, QualitySpec, ServingSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams, expand_source
 from index_builder.inputs import open_embeddings, read_metadata
@@ -46,6 +47,13 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cluster(text: str) -> ClusterSpec:
+    try:
+        return ClusterSpec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
@@ -113,6 +121,12 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
+    p.add_argument(
+        "--cluster",
+        type=_cluster,
+        help="run the heavy phases on a Dask cluster: a scheduler address (tcp://HOST:8786) or "
+        "local:N (N single-threaded worker processes here); needs the 'distributed' extra",
+    )
     p.add_argument(
         "--serving-index",
         default="exact",
@@ -372,6 +386,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         expansion_index=args.expansion_index,
         memory_budget=args.memory_budget,
         level_dtype=args.level_dtype,
+        cluster=args.cluster,
     )
 
 
