@@ -93,14 +93,14 @@ def connect(address: str, memory_limit: str | int = "auto") -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address="127.0.0.1:0",
             memory_limit=memory_limit,
         )
         client = Client(cluster)
     else:
         cluster, client = None, Client(address)
     try:
-        if client.dashboard_link and cluster is None:
+        if client.dashboard_link:
             logger.info("Dask dashboard: %s", client.dashboard_link)
         logger.info("cluster %s: %d worker(s)", address, len(client.scheduler_info()["workers"]))
         yield client

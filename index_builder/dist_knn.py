@@ -26,6 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from aqe_retrieval.faiss_search import exact_knn
 from index_builder.cluster import open_rows, pinned_threads
 from index_builder.ivf_batch import coarse_assignment
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
@@ -190,7 +191,7 @@ def merge_task(
         short = np.flatnonzero((ids < 0).any(axis=1))
         if len(short):
             u = open_rows(u_path)
-            sims[short], ids[short] = exact_search(u, np.asarray(u[r0 + short]), k, block)
+            sims[short], ids[short] = exact_knn(np.asarray(u[r0 + short]), u, k)  # u mapped, not read in
         out_sims, out_ids = open_rows(sims_path, "r+"), open_rows(ids_path, "r+")
         out_sims[r0:r1], out_ids[r0:r1] = sims, ids
         out_sims.flush()
@@ -198,21 +199,10 @@ def merge_task(
         return len(short)
 
 
-def exact_search(u: np.ndarray, xq: np.ndarray, k: int, block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of ``xq`` (m, d) among the rows of ``u`` read ``block`` at a time."""
-    heap = faiss.ResultHeap(len(xq), k, keep_max=True)
-    for lo in range(0, len(u), block):
-        xb = np.asarray(u[lo : lo + block])
-        sims, top = _topk(xq @ xb.T, k, lo)
-        heap.add_result(sims, top)
-    heap.finalize()
-    return heap.D, heap.I
-
-
 def recall_task(u_path: Path, ids_path: Path, n: int, k: int, spec: KnnSpec, block: int) -> tuple[float, int]:
     """The graph's recall against exact kNN on the seeded sample of rows (as ``self_knn``)."""
     with pinned_threads():
         u, graph = open_rows(u_path), open_rows(ids_path)
         rows = sample_rows(n, spec.recall_sample, spec.seed)
-        truth = exact_search(u, np.asarray(u[rows]), k, block)[1]
+        truth = exact_knn(np.asarray(u[rows]), u, k)[1]  # as self_knn: the same ties
         return set_recall(np.asarray(graph[rows]), truth), len(rows)
