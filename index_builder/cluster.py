@@ -164,7 +164,7 @@ def run_tasks(
 
 def open_rows(path: Path, mode: Literal["r", "r+"] = "r") -> Any:
     """A memory-mapped ``.npy`` array (``mode`` ``r`` or ``r+``): an ``np.memmap``, typed Any."""
-    return np.load(path, mmap_mode=mode)
+    return np.load(path, mmap_mode=mode, allow_pickle=False)
 
 
 def ranges(n: int, step: int) -> list[tuple[int, int]]:

@@ -180,12 +180,17 @@ def merge_task(
     with pinned_threads():
         heap = faiss.ResultHeap(r1 - r0, k, keep_max=True)
         for part in parts:
-            rows = np.load(part / "rows.npy", mmap_mode="r")
+            rows, sims, ids = (
+                np.load(part / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+                for name in ("rows", "sims", "ids")
+            )
             lo, hi = np.searchsorted(rows, [r0, r1])
             if hi > lo:
-                sims = np.ascontiguousarray(np.load(part / "sims.npy", mmap_mode="r")[lo:hi])
-                ids = np.ascontiguousarray(np.load(part / "ids.npy", mmap_mode="r")[lo:hi])
-                heap.add_result_subset(np.asarray(rows[lo:hi]) - r0, sims, ids)
+                heap.add_result_subset(
+                    np.asarray(rows[lo:hi]) - r0,
+                    np.ascontiguousarray(sims[lo:hi]),
+                    np.ascontiguousarray(ids[lo:hi]),
+                )
         heap.finalize()
         sims, ids = heap.D, heap.I
         short = np.flatnonzero((ids < 0).any(axis=1))
