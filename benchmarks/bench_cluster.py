@@ -29,11 +29,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from index_builder.build import build  # noqa: E402
-from index_builder.cluster import ClusterSpec  # noqa: E402
-from index_builder.config import BuildConfig  # noqa: E402
-from index_builder.expansion import AqeParams  # noqa: E402
-from index_builder.knn import KnnSpec  # noqa: E402
+from index_builder.build import build
+from index_builder.cluster import ClusterSpec
+from index_builder.config import BuildConfig
+from index_builder.expansion import AqeParams
+from index_builder.knn import KnnSpec
 
 
 def _peak_rss() -> int:
