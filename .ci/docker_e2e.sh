@@ -89,9 +89,9 @@ cleanup() {
     if [ -n "$DOCKERD_PID" ]; then
         if [ "$rc" -ne 0 ]; then
             log "compose logs (last 60 lines):"
-            compose --profile build logs --no-color 2>&1 | tail -n 60
+            compose --profile build --profile dask logs --no-color 2>&1 | tail -n 60
         fi
-        compose --profile build down -v --remove-orphans -t 10 >/dev/null 2>&1
+        compose --profile build --profile dask down -v --remove-orphans -t 10 >/dev/null 2>&1
         docker rmi -f "$IMAGE" >/dev/null 2>&1
         kill -TERM "$DOCKERD_PID" 2>/dev/null
         for _ in $(seq 30); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 1; done
@@ -358,6 +358,36 @@ if [ -n "$reported" ]; then
 else
     log "note: /info has no nightly status (key 'nightly') to check"
 fi
+
+step "build #3 on a Dask cluster (profile dask: a scheduler and two workers)"
+compose --profile dask config --quiet
+compose --profile dask up -d --no-build --pull never --scale dask-worker=2 dask-scheduler dask-worker
+workers=0
+for _ in $(seq 120); do
+    workers=$(compose exec -T dask-scheduler python -c "from distributed import Client; \
+c = Client('tcp://127.0.0.1:8786', timeout=5); print(len(c.scheduler_info()['workers']))" \
+        2>/dev/null | tr -d '\r' | tail -n 1) || workers=0
+    [ "${workers:-0}" -ge 2 ] 2>/dev/null && break
+    sleep 1
+done
+[ "${workers:-0}" -ge 2 ] 2>/dev/null || fail "the Dask scheduler has ${workers:-0} workers, expected 2"
+log "Dask scheduler up with $workers workers"
+compose --profile dask run --rm -T build-dask >"$WORK/run3.json"
+v3=$(json "$WORK/run3.json" 'd["last_success"]["version"]')
+[ "$v3" != "$v2" ] || fail "the cluster build did not publish a new version"
+log "cluster build published $v3"
+switched=0
+for _ in $(seq 60); do
+    curl -fsS -m 2 "$URL/info" -o "$WORK/info4.json" \
+        && [ "$(json "$WORK/info4.json" 'd["index_version"]')" = "$v3" ] && { switched=1; break; }
+    sleep 0.5
+done
+[ "$switched" = 1 ] || fail "/info does not serve the cluster build's $v3"
+search "$WORK/search3.json" || fail "POST /search on the cluster build"
+[ "$(json "$WORK/search3.json" 'd["index_version"]')" = "$v3" ] || fail "index_version is not $v3"
+json "$WORK/search3.json" "'$first_id' in [h['id'] for h in d['results'][0]]" | grep -qx True \
+    || fail "cluster build: the query ($first_id) is not among its own $K results"
+compose --profile dask stop -t 10 dask-worker dask-scheduler >/dev/null
 
 step "image healthcheck of the search container"
 cid=$(compose ps -q search)

@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 def build(config: BuildConfig) -> artifact.Manifest:
     """Run the whole job and publish a new version under ``config.root``; returns its manifest."""
+    if config.cluster is not None:
+        from index_builder.dist_build import build_on_cluster  # imports this module
+
+        return build_on_cluster(config)
     if config.threads:
         faiss.omp_set_num_threads(config.threads)
     timings: dict[str, float] = {}

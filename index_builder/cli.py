@@ -25,6 +25,7 @@ from aqe_retrieval.manifest import LEVEL_DTYPES
 from index_builder import nightly
 from index_builder.budget import bound_malloc, detect_budget, parse_size, plan_build
 from index_builder.build import build, workload
+from index_builder.cluster import ClusterSpec
 from index_builder.config import (
     AUTO,
     AUTO_EXACT_MAX_N,
@@ -65,6 +66,13 @@ def _kinds(text: str) -> tuple[str, ...]:
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(f"unknown kinds {unknown}; choose among {','.join(SERVING_KINDS)}")
     return kinds
+
+
+def _cluster(text: str) -> ClusterSpec:
+    try:
+        return ClusterSpec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _add_aqe_options(p: argparse.ArgumentParser) -> None:
@@ -146,6 +154,12 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")
     _add_parquet_options(p)
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
+    p.add_argument(
+        "--cluster",
+        type=_cluster,
+        help="run the heavy phases on a Dask cluster: a scheduler address (tcp://HOST:8786) or "
+        "local:N (N single-threaded worker processes here); needs the 'distributed' extra",
+    )
     p.add_argument(
         "--serving-index",
         default=AUTO,
@@ -431,6 +445,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         expansion_index=args.expansion_index,
         memory_budget=args.memory_budget,
         level_dtype=args.level_dtype,
+        cluster=args.cluster,
     )
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aqe_retrieval.manifest import LEVEL_DTYPES
+from index_builder.cluster import ClusterSpec
 from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
 from index_builder.inputs import ParquetColumns
 from index_builder.knn import KnnSpec
@@ -110,6 +111,8 @@ class BuildConfig:
     """Bytes the build may use (``--memory-budget``); None: the container's limit or free memory."""
     level_dtype: str = "float32"
     """dtype of the stored level rows online expansion reads: float32 or float16."""
+    cluster: ClusterSpec | None = None
+    """Run the heavy phases on this Dask cluster (``--cluster``); None: in this process."""
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None and self.memory_budget < 1:

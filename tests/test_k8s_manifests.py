@@ -36,7 +36,8 @@ def _docs() -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def _one(objects: dict[tuple[str, str], dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = [doc for (k, _), doc in objects.items() if k == kind]
+    """The one object of ``kind`` of the service and its job (the Dask cluster's are apart)."""
+    found = [doc for (k, name), doc in objects.items() if k == kind and not name.startswith("aqe-dask-")]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -167,18 +168,18 @@ def compose() -> dict[str, Any]:
 
 def test_compose_services_and_volumes(compose) -> None:
     services = compose["services"]
-    assert set(services) == {"search", "nightly", "build"}
+    assert set(services) == {"search", "nightly", "build", "dask-scheduler", "dask-worker", "build-dask"}
     assert services["build"]["profiles"] == ["build"]
     assert "profiles" not in services["search"] and "profiles" not in services["nightly"]
     images = {s["image"] for s in services.values()}
     assert len(images) == 1
     volumes = set(compose["volumes"])
     for name, service in services.items():
-        for mount in service["volumes"]:
+        for mount in service.get("volumes", []):
             source = mount.split(":")[0]
             assert source in volumes or source.startswith(("${", ".", "/")), (name, mount)
     assert "index:/data/index:ro" in services["search"]["volumes"]
-    for name in ("nightly", "build"):
+    for name in ("nightly", "build", "dask-worker", "build-dask"):
         assert "index:/data/index" in services[name]["volumes"]
         assert services[name]["environment"]["AQE_INDEX_ROOT"] == "/data/index"
     assert services["search"]["environment"]["AQE_INDEX_ROOT"] == "/data/index"
@@ -216,3 +217,42 @@ def test_the_local_copy_is_on_a_disk_volume_the_service_can_write(objects) -> No
     volume = {v["name"]: v for v in pod["volumes"]}[mounts[0]["name"]]
     # node disk, not a tmpfs: pages of a tmpfs copy would be memory, not reclaimable page cache
     assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory"
+
+
+def test_compose_dask_profile(compose) -> None:
+    """A scheduler, workers pointed at it, and a build pointed at it, all in the dask profile."""
+    services = compose["services"]
+    for name in ("dask-scheduler", "dask-worker", "build-dask"):
+        assert services[name]["profiles"] == ["dask"]
+    assert services["dask-scheduler"]["command"][:2] == ["dask", "scheduler"]
+    worker = services["dask-worker"]["command"]
+    assert worker[:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
+    assert worker[worker.index("--nthreads") + 1] == "1"
+    assert "--cluster tcp://dask-scheduler:8786" in services["build-dask"]["environment"]["NIGHTLY_ARGS"]
+    for port in services["dask-scheduler"]["ports"]:
+        assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_dask_cluster_manifests(objects) -> None:
+    """Scheduler Deployment and Service agree; workers and the CronJob use them and the same claims."""
+    scheduler = objects[("Deployment", "aqe-dask-scheduler")]
+    service = objects[("Service", "aqe-dask-scheduler")]
+    workers = objects[("StatefulSet", "aqe-dask-worker")]
+    labels = _pod(scheduler)["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert scheduler["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert workers["spec"]["selector"]["matchLabels"].items() <= _pod(workers)["metadata"]["labels"].items()
+    port = next(p for p in service["spec"]["ports"] if p["name"] == "scheduler")["port"]
+    address = f"tcp://{service['metadata']['name']}:{port}"
+    worker = _pod(workers)["spec"]["containers"][0]
+    assert worker["command"][:3] == ["dask", "worker", address]
+    limit = worker["command"][worker["command"].index("--memory-limit") + 1]
+    assert limit.rstrip("iB") == worker["resources"]["limits"]["memory"].rstrip("i")
+    nightly = _pod(_one(objects, "CronJob"))["spec"]["containers"][0]["command"]
+    assert nightly[nightly.index("--cluster") + 1] == address
+    cron_volumes = {v["name"]: v for v in _pod(_one(objects, "CronJob"))["spec"]["volumes"]}
+    for v in _pod(workers)["spec"]["volumes"]:
+        if "persistentVolumeClaim" in v:
+            assert v == cron_volumes[v["name"]]
+    images = {c["image"] for o in (scheduler, workers) for c in _pod(o)["spec"]["containers"]}
+    assert images == {_pod(_one(objects, "CronJob"))["spec"]["containers"][0]["image"]}

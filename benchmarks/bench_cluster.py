@@ -1,0 +1,135 @@
+"""The cluster build against the single-process build at equal total cores, on this machine.
+
+    PYTHONPATH=$PWD python3 benchmarks/bench_cluster.py --n 20000 --d 128 --workers 1 2 \\
+        --knn exact --out /work/var-dask/bench
+
+For each worker count W: a single-process build with ``--threads W`` and a cluster build on a
+``LocalCluster`` of W single-threaded worker processes (``--memory-limit`` each), same data and
+parameters. Reported per run: wall seconds per phase, the ratio single / cluster, the task
+stream's per-phase task count and the spread of task durations (max / median: the balance),
+each worker's peak RSS (``ru_maxrss``: it counts the mapped file pages a worker touched too,
+so it is an upper bound of its anonymous memory) and the client's. Bytes each phase moves are
+the design's formulas (README "Cluster build"), evaluated for the run's N, d, k, nprobe and
+partitioning; nothing is extrapolated to other machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from index_builder.build import build
+from index_builder.cluster import ClusterSpec
+from index_builder.config import BuildConfig
+from index_builder.expansion import AqeParams
+from index_builder.knn import KnnSpec
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def traffic(n: int, d: int, k: int, nprobe: int, tile: int, groups: int, qe_times: int) -> dict[str, int]:
+    """Bytes read + written per phase by the design (one level; the expansion per round)."""
+    blocks = -(-n // tile)
+    pairs = blocks * (blocks + 1) // 2
+    return {
+        "read+normalise": n * d * 4 * 2 + n * 4,
+        "knn exact (tile pairs)": pairs * 2 * tile * d * 4 + 2 * n * k * 12 * blocks,
+        "knn exact (merge)": 2 * n * k * 12 * blocks + n * k * 12,
+        "knn ivf (assign)": n * d * 4 + n * nprobe * 4,
+        "knn ivf (list groups)": groups * n * nprobe * 4 + n * d * 4 + n * nprobe * (d * 4 + k * 12),
+        "knn ivf (merge)": n * nprobe * k * 12 + n * k * 12,
+        "expand (per round)": n * k * d * 4 + n * (d * 4 + k * 8) + n * (d + 1) * 4,
+        "levels": qe_times * n * d * 4,
+    }
+
+
+def run(args: argparse.Namespace, workers: int) -> dict:
+    from distributed import LocalCluster, get_task_stream
+
+    out = Path(args.out)
+    gallery = out / "gallery.npy"
+    knn = KnnSpec() if args.knn == "exact" else KnnSpec(method=args.knn, nprobe=args.nprobe)
+    params = AqeParams(qe_k=args.k, qe_times=args.qe_times)
+    common = dict(gallery=gallery, params=params, knn=knn, show_progress=False)
+    root = out / f"single_{workers}"
+    shutil.rmtree(root, ignore_errors=True)
+    t0 = time.perf_counter()
+    single = build(BuildConfig(root=root, threads=workers, **common))  # type: ignore[arg-type]
+    single_s = time.perf_counter() - t0
+    with (
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address="127.0.0.1:0",
+            memory_limit=args.memory_limit,
+        ) as cluster,
+        cluster.get_client() as client,
+    ):
+        root = out / f"cluster_{workers}"
+        shutil.rmtree(root, ignore_errors=True)
+        with get_task_stream(client) as stream:
+            t0 = time.perf_counter()
+            got = build(BuildConfig(root=root, cluster=ClusterSpec(cluster.scheduler_address), **common))  # type: ignore[arg-type]
+            cluster_s = time.perf_counter() - t0
+        peaks = client.run(_peak_rss)
+    durations: dict[str, list[float]] = defaultdict(list)
+    for task in stream.data:
+        name = task["key"].rsplit("-", 1)[0] if isinstance(task["key"], str) else str(task["key"])
+        compute = [s for s in task["startstops"] if s["action"] == "compute"]
+        durations[name] += [s["stop"] - s["start"] for s in compute]
+    balance = {
+        name: {"tasks": len(v), "max_over_median": round(max(v) / max(statistics.median(v), 1e-9), 2)}
+        for name, v in durations.items()
+    }
+    return {
+        "workers": workers,
+        "single_s": round(single_s, 2),
+        "cluster_s": round(cluster_s, 2),
+        "single_over_cluster": round(single_s / cluster_s, 2),
+        "single_timings": single.timings_s,
+        "cluster_timings": got.timings_s,
+        "task_balance": balance,
+        "worker_peak_rss_mib": sorted(round(v / 2**20) for v in peaks.values()),
+        "client_peak_rss_mib": round(_peak_rss() / 2**20),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=20000)
+    p.add_argument("--d", type=int, default=128)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--qe-times", type=int, default=1)
+    p.add_argument("--knn", default="exact")
+    p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--memory-limit", default="1GiB")
+    p.add_argument("--out", default="/tmp/bench_cluster")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    x = np.random.default_rng(0).standard_normal((args.n, args.d)).astype(np.float32)
+    np.save(out / "gallery.npy", x)
+    del x
+    results = [run(args, w) for w in args.workers]
+    print(json.dumps({"n": args.n, "d": args.d, "k": args.k, "knn": args.knn, "runs": results}, indent=2))
+    print(json.dumps(traffic(args.n, args.d, args.k, args.nprobe, 2048, 1, args.qe_times), indent=2))
+
+
+if __name__ == "__main__":
+    main()
