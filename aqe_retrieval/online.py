@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from aqe_retrieval import aqe
-from aqe_retrieval.faiss_search import exact_knn, search_parameters
+from aqe_retrieval.faiss_search import search_parameters, serving_knn
 
 NeighbourSearch = Callable[[np.ndarray, int], np.ndarray]
 """``(u (q, d) normalised queries, k) -> ids (q, k)``: a level's top-k gallery rows."""
@@ -37,15 +37,19 @@ def gallery_level(
     nprobe: int | None = None,
     ef_search: int | None = None,
 ) -> GalleryLevel:
-    """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters."""
+    """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters.
+
+    Exactly is :func:`~aqe_retrieval.faiss_search.serving_knn`: a numpy GEMV for one query
+    (measured 2.2x faster than FAISS's flat kNN at 200,000 x 256), FAISS for larger batches.
+    """
     if index is None:
-        return GalleryLevel(rows, norms, lambda u, k: exact_knn(u, rows, k)[1])
+        return GalleryLevel(rows, norms, lambda u, k: serving_knn(u, rows, k)[1])
     params = search_parameters(index, nprobe, ef_search)
 
     def search(u: np.ndarray, k: int) -> np.ndarray:
         ids = index.search(u, k, params=params)[1]
         if (ids < 0).any():  # an approximate index came back short: answer exactly
-            ids = exact_knn(u, rows, k)[1]
+            ids = serving_knn(u, rows, k)[1]
         return ids
 
     return GalleryLevel(rows, norms, search)

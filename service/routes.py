@@ -13,6 +13,7 @@ declared once below as ``Annotated`` dependencies; :func:`add_routes` puts the r
 from __future__ import annotations
 
 import hmac
+import math
 import time
 from typing import Annotated, Any
 
@@ -34,6 +35,8 @@ from service.metrics import Metrics
 from service.schemas import ErrorResponse, SearchRequest, SearchResponse, ValidationErrorResponse
 from service.settings import Settings
 
+# the fields that carry a request's queries: exactly one per request
+QUERY_FIELDS = ("embedding", "embeddings", "id", "ids")
 # bodies up to this size are parsed on the event loop (a thread hop costs more than parsing them)
 PARSE_INLINE_BYTES = 64 * 1024
 
@@ -49,8 +52,10 @@ RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "sche
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "model": ErrorResponse,
-        "description": "the request cannot be answered as asked (dimension, values, k, batch, filter)",
+        "description": "the request cannot be answered as asked (dimension, values, k, batch, filter, "
+        "min_score, not exactly one of embedding / embeddings / id / ids)",
     },
+    404: {"model": ErrorResponse, "description": "an `id` / `ids` the served version does not hold"},
     413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES or the largest legal batch"},
     415: {"model": ErrorResponse, "description": "body not declared application/json"},
     422: {"model": ValidationErrorResponse, "description": "body is not JSON or not a search request"},
@@ -124,18 +129,28 @@ async def search(request: Request, searcher: ServedIndex) -> Response:
     require_json(request)
     raw = await request.body()
     if len(raw) <= PARSE_INLINE_BYTES:
-        body, queries = _read_search_request(raw, settings)
+        body, queries = _read_search_request(raw, settings, searcher)
     else:  # a large body is parsed off the event loop, so /healthz and small requests go on
-        body, queries = await run_in_threadpool(_read_search_request, raw, settings)
+        body, queries = await run_in_threadpool(_read_search_request, raw, settings, searcher)
     left = settings.request_timeout_s - (time.monotonic() - started)
     if left <= 0:
         raise DeadlineExceeded(f"request deadline of {settings.request_timeout_s:g} s passed while parsing")
     state.metrics.queries.observe(len(queries))
     # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones.
     # A client that hangs up cancels this task (service.protocol), which drops the queued job.
+    raw_mode = body.mode == "raw"
     hits = await state.batcher.submit_async(
-        searcher, queries, body.k, expand=body.expand_query, filters=body.filter, timeout_s=left
+        searcher,
+        queries,
+        body.k,
+        expand=body.expand_query and not raw_mode,
+        filters=body.filter,
+        timeout_s=left,
+        raw=raw_mode,
     )
+    if body.min_score is not None:  # per request: a batch mixes requests of different floors
+        floor = body.min_score
+        hits = [[h for h in row if h.score >= floor] for row in hits]
     return await render.search_response(searcher, hits, body.with_metadata)
 
 
@@ -235,13 +250,24 @@ def add_routes(app: FastAPI) -> None:
     )
 
 
-def _read_search_request(raw: bytes, settings: Settings) -> tuple[SearchRequest, np.ndarray]:
-    """The parsed body and its queries as a float64 matrix (all checks but the searcher's)."""
+def _read_search_request(
+    raw: bytes, settings: Settings, searcher: Searcher
+) -> tuple[SearchRequest, np.ndarray]:
+    """The parsed body and its queries as a matrix (all checks but the searcher's own)."""
     body = _parse_search_request(raw)
-    queries = _queries(body, settings)
+    queries = _queries(body, settings, searcher)
+    check_options(body, settings)
+    return body, queries
+
+
+def check_options(body: SearchRequest, settings: Settings) -> None:
+    """400 for ``k`` out of range, a non-finite ``min_score``, or ``mode`` "raw" with expansion."""
     if not 1 <= body.k <= settings.max_k:
         raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
-    return body, queries
+    if body.min_score is not None and not math.isfinite(body.min_score):
+        raise QueryError(f"min_score must be a finite number, got {body.min_score}")
+    if body.mode == "raw" and body.expand_query and "expand_query" in body.model_fields_set:
+        raise QueryError('mode "raw" searches the raw query: expand_query true contradicts it')
 
 
 def _parse_search_request(raw: bytes) -> SearchRequest:
@@ -257,10 +283,26 @@ def _parse_search_request(raw: bytes) -> SearchRequest:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
 
 
-def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
-    """The request's embeddings as one float64 matrix, after the checks of its shape."""
-    if (body.embedding is None) == (body.embeddings is None):
-        raise QueryError("send exactly one of 'embedding' (one query) or 'embeddings' (a batch)")
+def _queries(body: SearchRequest, settings: Settings, searcher: Searcher) -> np.ndarray:
+    """The request's queries as one matrix, after the checks of its shape.
+
+    Embeddings come back float64 (the searcher checks their values before narrowing them);
+    gallery ids as their items' own raw float32 vectors (:class:`UnknownIdError`: 404).
+    """
+    given = [name for name in QUERY_FIELDS if getattr(body, name) is not None]
+    if len(given) != 1:
+        raise QueryError(
+            "send exactly one of 'embedding' (one query), 'embeddings' (a batch), 'id' (a "
+            f"gallery item) or 'ids' (a batch of them); got {', '.join(given) or 'none'}"
+        )
+    if body.id is not None or body.ids is not None:
+        ids = [body.id] if body.id is not None else body.ids
+        assert ids is not None
+        if not ids:
+            raise QueryError("'ids' is empty")
+        if len(ids) > settings.max_batch:
+            raise QueryError(f"batch of {len(ids)} is over the limit of {settings.max_batch}")
+        return searcher.raw_rows([searcher.row_of(i) for i in ids])
     rows = [body.embedding] if body.embedding is not None else body.embeddings
     assert rows is not None
     if not rows:
