@@ -43,6 +43,14 @@ def json_bodies(queries: np.ndarray, k: int) -> list[bytes]:
     return [json.dumps({"embedding": q.tolist(), "k": k}).encode() for q in queries]
 
 
+def chroma_bodies(queries: np.ndarray, k: int) -> list[bytes]:
+    """One Chroma ``/query`` body per query row (benchmarks/bench_vs_chroma.py)."""
+    return [
+        json.dumps({"query_embeddings": [q.tolist()], "n_results": k, "include": ["distances"]}).encode()
+        for q in queries
+    ]
+
+
 def float32_bodies(queries: np.ndarray) -> list[bytes]:
     """One little-endian float32 body per query row (``application/octet-stream``)."""
     return [np.asarray(q, dtype="<f4").tobytes() for q in queries]
@@ -80,7 +88,8 @@ async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k
                     errors[0] += 1
                 elif checked[0] < check:
                     checked[0] += 1
-                    results = json.loads(body)["results"]
+                    answer = json.loads(body)
+                    results = answer["results"] if "results" in answer else answer["ids"]  # Chroma's
                     if len(results) != 1 or len(results[0]) != k:
                         errors[0] += 1
                 i += clients
@@ -118,10 +127,10 @@ def load(
     """
     parts = urlsplit(url)
     assert parts.hostname and parts.port
-    if not path.startswith("/search"):
+    if path in ("/healthz", "/readyz"):
         bodies = [b""]
     requests = [request_bytes(parts.hostname, parts.port, b, path, content_type) for b in bodies]
-    return asyncio.run(_load(url, requests, clients, seconds, k, 20 if path.startswith("/search") else 0))
+    return asyncio.run(_load(url, requests, clients, seconds, k, 0 if not bodies[0] else 20))
 
 
 def run_in_subprocess(
@@ -171,9 +180,10 @@ def main() -> None:
     p.add_argument("--path", default="/search", help="other paths: GET, status checked only")
     p.add_argument(
         "--encoding",
-        choices=["json", "float32"],
+        choices=["json", "float32", "chroma"],
         default="json",
-        help="float32: application/octet-stream bodies, k in the query string",
+        help="float32: application/octet-stream bodies, k in the query string; chroma: Chroma's "
+        "query bodies, to --path (its collection's /query route)",
     )
     a = p.parse_args()
     queries = np.load(a.queries)
@@ -181,6 +191,8 @@ def main() -> None:
         path = f"{a.path}?k={a.k}" if a.path == "/search" else a.path
         binary = "application/octet-stream"
         figures = load(a.url, float32_bodies(queries), a.clients, a.seconds, a.k, path, binary)
+    elif a.encoding == "chroma":
+        figures = load(a.url, chroma_bodies(queries, a.k), a.clients, a.seconds, a.k, a.path)
     else:
         figures = load(a.url, json_bodies(queries, a.k), a.clients, a.seconds, a.k, a.path)
     print(json.dumps(figures))
