@@ -140,3 +140,19 @@ def test_flat_rows_is_a_view_of_an_inner_product_flat_index_only(rows):
     np.testing.assert_array_equal(view, rows)
     assert flat_rows(faiss.IndexFlatL2(D)) is None
     assert flat_rows(ivf(rows)) is None
+
+
+def test_unaligned_rows_are_no_flat_view_and_still_searched_exactly(rows):
+    """A memory-mapped .faiss file's codes start where its header ends: often not 4-aligned."""
+    buf = np.zeros(rows.size * 4 + 1, np.uint8)
+    unaligned = np.frombuffer(buf[1:].data, np.float32).reshape(rows.shape)
+    unaligned[:] = rows
+    assert not unaligned.flags.aligned
+    index = faiss.IndexFlatIP(D)
+    index.add(rows)
+    assert flat_rows(index) is not None  # FAISS's own allocation is aligned
+    mask = np.arange(len(rows)) % 3 == 0
+    for m in (1, 40):
+        xq = rows[:m] + 0.05
+        np.testing.assert_array_equal(serving_knn(xq, unaligned, 9)[1], exact_knn(xq, rows, 9)[1])
+        np.testing.assert_array_equal(serving_knn(xq, unaligned, 9, mask)[1], blas_knn(xq, rows, 9, mask)[1])
