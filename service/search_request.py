@@ -109,8 +109,9 @@ def binary_queries(kind: str, raw: bytes, d: int) -> np.ndarray:
                 f"dimension {d} ({4 * d} bytes each)"
             )
         return np.frombuffer(raw, dtype="<f4").reshape(-1, d)
+    buffer = io.BytesIO(raw)
     try:
-        array = np.load(io.BytesIO(raw), allow_pickle=False)
+        array = np.load(buffer, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise QueryError(f"the body is not one .npy array ({exc})") from None
     if not isinstance(array, np.ndarray) or array.dtype not in (np.float32, np.float64):
