@@ -19,9 +19,9 @@ against), and the load average before and after.
 
 Chroma lives in its own environment, so its client library never meets ours::
 
-    python3 -m venv /work/venv-chroma && /work/venv-chroma/bin/pip install chromadb
-    python benchmarks/bench_vs_chroma.py --workdir /work/var-perf/vs \\
-        --chroma-python /work/venv-chroma/bin/python --chroma-bin /work/venv-chroma/bin/chroma
+    python3 -m venv venv-chroma && venv-chroma/bin/pip install chromadb
+    python benchmarks/bench_vs_chroma.py --workdir var/vs \\
+        --chroma-python venv-chroma/bin/python --chroma-bin venv-chroma/bin/chroma
 
 ``--data FILE.npy`` takes a real gallery instead of the synthetic one (its last ``--queries``
 rows held out as the queries), e.g. ``data/bible165k/features.npy``.
