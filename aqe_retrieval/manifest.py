@@ -39,6 +39,14 @@ class IndexCandidate(BaseModel):
     bytes: int | None = None  # the index's size in memory
 
 
+class SkippedCandidate(BaseModel):
+    """A candidate an ``auto`` choice did not build, and why (fields added after format 1 began)."""
+
+    method: str
+    reason: str
+    bytes: int | None = None  # its estimated size in memory
+
+
 class LevelEntry(BaseModel):
     level: int
     rows: str
@@ -53,6 +61,8 @@ class LevelEntry(BaseModel):
     recall_target: float | None = None
     below_target: bool = False
     candidates: list[IndexCandidate] = Field(default_factory=list)
+    skipped: list[SkippedCandidate] = Field(default_factory=list)
+    selection_timings_s: dict[str, float] = Field(default_factory=dict)
 
 
 class ServingIndexEntry(BaseModel):
@@ -72,6 +82,8 @@ class ServingIndexEntry(BaseModel):
     bytes: int | None = None
     selection_seconds: float | None = None
     candidates: list[IndexCandidate] = Field(default_factory=list)
+    skipped: list[SkippedCandidate] = Field(default_factory=list)  # not built: budget, or dominated
+    selection_timings_s: dict[str, float] = Field(default_factory=dict)  # by phase of the selection
 
 
 class Manifest(BaseModel):

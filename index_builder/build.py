@@ -23,7 +23,8 @@ from index_builder.graph_auto import below_target
 from index_builder.heldout import QuerySample, expanded_queries
 from index_builder.inputs import EmbeddingSource, fingerprint, gallery_ids, gallery_metadata, open_embeddings
 from index_builder.knn import KnnSpec, sample_rows, use_batch_lists
-from index_builder.serving import build_serving_index, expansion_index
+from index_builder.serving import build_serving_index, expansion_index, serves_exactly
+from index_builder.serving_auto import Shared
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def build(config: BuildConfig) -> artifact.Manifest:
             label=str(config.gallery),
         )
         graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] = []
+        shared = Shared()  # what the expansion and serving index selections share
         for level in expansion:
-            save_level(stage, level, config)
+            save_level(stage, level, config, shared)
             graphs.append((level.knn.spec, level.knn.tried))
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
@@ -66,9 +68,13 @@ def build(config: BuildConfig) -> artifact.Manifest:
         u = expansion.expanded
         aqe.normalize_rows_inplace(u, config.block_size)
         queries = serving_queries(stage, u, report, config, checks)
+        # HNSW links over level 0, the distinct gallery rows (index_builder.serving_auto)
+        graph_rows = None if queries is None else stage.load_levels(source.n, source.d)[0].rows
         index, serving_entry = build_serving_index(
-            u, config.serving, config.block_size, config.show_progress, queries=queries
-        )
+            u, config.serving, config.block_size, config.show_progress, queries=queries,
+            graph_rows=graph_rows, shared=shared,
+        )  # fmt: skip
+        del graph_rows, shared
         stage.save_serving_index(index, serving_entry)
         del index
         timings["serving_index"] = time.perf_counter() - t2
@@ -107,18 +113,20 @@ def build(config: BuildConfig) -> artifact.Manifest:
     return manifest
 
 
-def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> None:
+def save_level(
+    stage: artifact.Staging, level: Level, config: BuildConfig, shared: Shared | None = None
+) -> None:
     """Stage one level with the index online expansion searches in it: its own, the graph's, or none.
 
     After an exact graph (no index) and with ``expansion_index="auto"``, a large level gets an
     index of its own (:func:`~index_builder.serving.expansion_index`); otherwise the graph's
-    index, if any, is kept.
+    index, if any, is kept. ``shared``: what the build's index selections share.
     """
     graph = level.knn
     ran = graph.spec or config.knn  # what ran, ``--knn auto`` resolved
     index, entry = None, None
     if graph.index is None and config.expansion_index == AUTO:
-        index, entry = expansion_index(level.rows, config, level.number)
+        index, entry = expansion_index(level.rows, config, level.number, shared)
     if entry is not None:
         stage.save_level(
             level.number,
@@ -133,7 +141,8 @@ def save_level(stage: artifact.Staging, level: Level, config: BuildConfig) -> No
         )
         saved = stage.levels[-1]  # the auto choice's record (Staging.save_level predates it)
         saved.recall_target, saved.below_target = entry.recall_target, entry.below_target
-        saved.candidates = entry.candidates
+        saved.candidates, saved.skipped = entry.candidates, entry.skipped
+        saved.selection_timings_s = entry.selection_timings_s
     else:
         stage.save_level(
             level.number,
@@ -202,8 +211,8 @@ def serving_queries(
     ``--quality-queries`` when given, else held-out gallery rows (``index_builder.heldout``).
     """
     serving = config.serving
-    if serving.method.lower() == "exact":
-        return None
+    if serves_exactly(serving, u.shape[0], u.shape[1]):
+        return None  # nothing to measure: exact search, asked for or what ``auto`` picks when small
     levels = stage.load_levels(u.shape[0], u.shape[1])
     qe_k, alpha = report.effective_qe_k, config.params.alpha
     if checks is not None and config.quality is not None and config.quality.queries is not None:

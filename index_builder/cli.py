@@ -131,11 +131,12 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root", type=Path, required=True, help="index root to publish into")
     p.add_argument(
         "--serving-index",
-        default="exact",
-        help="'exact' (default), 'auto' (exact up to "
+        default=AUTO,
+        help="'auto' (default: exact up to "
         f"{AUTO_EXACT_MAX_N} rows, else the fastest of --serving-candidates whose recall@10 "
         "on held-out, online-expanded queries meets --serving-recall-target within "
-        "--serving-memory-budget-gib) or a FAISS factory string for the served index",
+        "--serving-memory-budget-gib), 'exact' (flat search at any size) or a FAISS factory "
+        "string for the served index",
     )
     p.add_argument(
         "--serving-candidates",

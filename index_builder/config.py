@@ -26,7 +26,7 @@ EXPANSION_INDEXES = ("auto", "exact")
 
 @dataclass(frozen=True)
 class ServingSpec:
-    """The serving index over the expanded rows: ``exact``, ``auto`` or a FAISS factory string.
+    """The serving index over the expanded rows: ``auto`` (default), ``exact`` or a FAISS factory string.
 
     ``auto`` picks exact (flat) search for galleries up to ``exact_max_n`` rows, else the
     fastest of the ``candidates`` kinds whose recall@k on held-out, online-expanded queries
@@ -35,7 +35,7 @@ class ServingSpec:
     (:func:`index_builder.serving.choose_serving_method`).
     """
 
-    method: str = "exact"
+    method: str = AUTO
     nprobe: int | None = None
     ef_search: int | None = None
     recall_k: int = 10

@@ -20,7 +20,7 @@ from index_builder.config import AUTO, AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, Bui
 from index_builder.heldout import QuerySample, search_held_out
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
 from index_builder.progress import progress
-from index_builder.serving_auto import select_index
+from index_builder.serving_auto import Shared, select_index
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ def build_serving_index(
     show_progress: bool | None = None,
     what: str = "serving index",
     queries: QuerySample | None = None,
+    graph_rows: np.ndarray | None = None,
+    shared: Shared | None = None,
 ) -> tuple[Any, artifact.ServingIndexEntry]:
     """The index searched by the service over ``u`` (n, d) normalised expanded rows.
 
@@ -41,7 +43,9 @@ def build_serving_index(
     ``nprobe`` is given (then :func:`choose_serving_method` picks an IVF that fits). For an
     approximate index, recall@k against exact search is measured on ``queries`` (or gallery
     rows used as queries); IVF indexes get a direct map (8 bytes a row) so that the service can
-    reconstruct rows for its exact fallback under filters.
+    reconstruct rows for its exact fallback under filters. ``graph_rows`` and ``shared``: the
+    rows HNSW candidates' links are built over and what the build's selections share
+    (:class:`~index_builder.serving_auto.Shared`).
     """
     n, d = u.shape
     nprobe = spec.nprobe
@@ -55,7 +59,7 @@ def build_serving_index(
                 queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
             return select_index(
                 u, queries, min(spec.recall_k, n - 1), spec.recall_target, spec.memory_budget_gib,
-                spec.seed, block_size, what, spec.candidates,
+                spec.seed, block_size, what, spec.candidates, graph_rows, shared,
             )  # fmt: skip
         logger.info("%s auto: %s (%s)", what, method, reason)
     knn_spec = KnnSpec(method=method, seed=spec.seed)
@@ -105,7 +109,7 @@ def build_serving_index(
 
 
 def expansion_index(
-    rows: np.ndarray, config: BuildConfig, level: int
+    rows: np.ndarray, config: BuildConfig, level: int, shared: Shared | None = None
 ) -> tuple[Any, artifact.ServingIndexEntry | None]:
     """The index online expansion searches in a level whose graph was exact, or (None, None).
 
@@ -114,7 +118,8 @@ def expansion_index(
     not fit the serving memory budget) this chooses the index as ``--serving-index auto``
     does, for the recall of the top ``qe_k - 1`` neighbours (what expansion takes) of held-out
     rows of the level (each row's own row removed), against exact search. When flat search
-    wins, the level keeps no index (None) and the entry says what was tried.
+    wins, the level keeps no index (None) and the entry says what was tried. ``shared``: what
+    the build's selections share (the HNSW links built here serve the later ones).
     """
     n, d = rows.shape
     serving = config.serving
@@ -134,10 +139,22 @@ def expansion_index(
     held_out = sample_rows(n, spec.recall_sample, spec.seed)
     queries = QuerySample(np.ascontiguousarray(u[held_out]), held_out, "held-out level rows")
     what = f"level {level} expansion index"
-    index, entry = build_serving_index(u, spec, config.block_size, config.show_progress, what, queries)
+    index, entry = build_serving_index(
+        u, spec, config.block_size, config.show_progress, what, queries, shared=shared
+    )
     if entry.spec == "exact":
         return None, entry
     return index, entry
+
+
+def serves_exactly(spec: ServingSpec, n: int, d: int) -> bool:
+    """Whether ``spec`` serves n rows of dimension d by flat search: ``exact``, or ``auto`` when small."""
+    method = spec.method.lower()
+    if method in ("exact", "flat"):
+        return True
+    return (
+        method == AUTO and choose_serving_method(n, d, spec.memory_budget_gib, spec.exact_max_n)[0] == "exact"
+    )
 
 
 def choose_serving_method(

@@ -10,7 +10,7 @@ from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
 from index_builder.build import build
 from index_builder.cli import main as cli
-from index_builder.config import BuildConfig, ServingSpec
+from index_builder.config import AUTO_EXACT_MAX_N, BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams
 
 N, D = 5000, 32
@@ -31,7 +31,7 @@ def built(root, paths, expansion_index: str, exact_max_n: int | None = None):
             params=AqeParams(qe_k=5),
             show_progress=False,
             expansion_index=expansion_index,
-            serving=ServingSpec() if exact_max_n is None else ServingSpec(exact_max_n=exact_max_n),
+            serving=ServingSpec(method="exact", exact_max_n=exact_max_n or AUTO_EXACT_MAX_N),
         )
     )
 

@@ -11,16 +11,17 @@ from helpers import clustered_data, write_gallery
 
 from aqe_retrieval import artifact
 from aqe_retrieval.aqe import normalize_rows
-from aqe_retrieval.faiss_search import search_parameters
+from aqe_retrieval.faiss_search import exact_knn, search_parameters
 from aqe_retrieval.manifest import Manifest
 from aqe_retrieval.online import GalleryLevel, expand_online
 from index_builder.build import build
+from index_builder.cli import _parser
 from index_builder.config import BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams, expand_source
 from index_builder.heldout import QuerySample, drop_own
 from index_builder.inputs import as_source
 from index_builder.knn import sample_rows, set_recall
-from index_builder.serving_auto import candidates, select_index
+from index_builder.serving_auto import Shared, candidates, select_index
 
 N, D, QE_K = 6000, 32, 5
 
@@ -111,8 +112,17 @@ def test_the_memory_budget_leaves_out_what_does_not_fit():
     queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
     budget = (sizes["ivf-sq8"] + 1) / 2**30  # flat, IVF-Flat and both HNSW do not fit
     _, entry = select_index(u, queries, 10, 0.9, budget)
-    assert {c.method for c in entry.candidates} == {"IVF64,SQ8", "IVF64,PQ8"}
+    assert {c.method for c in entry.candidates} == {"IVF64,SQ8"}  # PQ: SQ8 fits, PQ is not built
     assert all(c.bytes <= budget * 2**30 for c in entry.candidates)
+    reasons = {c.method: c.reason for c in entry.skipped}
+    assert set(reasons) == {"exact", "IVF64,Flat", "IVF64,PQ8", "HNSW32", "HNSW32_SQ8"}
+    assert "IVF64,SQ8 fits the budget" in reasons["IVF64,PQ8"] and "> budget" in reasons["HNSW32"]
+    assert all(c.bytes > budget * 2**30 for c in entry.skipped if c.method != "IVF64,PQ8")
+    # PQ is built only where neither finer storage fits
+    budget = (sizes["ivf-pq"] + 1) / 2**30
+    _, entry = select_index(u, queries, 10, 0.9, budget)
+    assert {c.method for c in entry.candidates} == {"IVF64,PQ8"}
+    assert "IVF64,SQ8" in {c.method for c in entry.skipped}
 
 
 def test_manifests_without_the_new_fields_still_load(published):
@@ -135,3 +145,58 @@ def test_manifests_without_the_new_fields_still_load(published):
             level.pop(key)
     old = Manifest.model_validate(data)
     assert old.format_version == 1 and old.serving_index.candidates == [] and not old.graph_below_target
+
+
+def test_each_family_is_built_once_and_the_winner_is_the_index_measured():
+    u, _ = normalize_rows(clustered_data(3000, 32, seed=7))
+    rows = sample_rows(3000, 200, 2)
+    queries = QuerySample(np.ascontiguousarray(u[rows]), rows, "held-out gallery rows")
+    shared = Shared()
+    index, entry = select_index(u, queries, 10, 0.95, 4.0, shared=shared)
+    assert shared.builds == {"hnsw": 1, "ivf": 1}  # one graph for both storages, one quantizer
+    phases = entry.selection_timings_s
+    assert {"truth", "exact", "hnsw_build", "ivf_train"} <= set(phases)
+    assert sum(phases.values()) <= entry.selection_seconds + 0.05
+    # the returned index is the one measured: same recall at the recorded parameters
+    params = search_parameters(index, entry.nprobe, entry.ef_search)
+    truth = drop_own(exact_knn(queries.xq, u, 11)[1], rows, 10)
+    found = drop_own(index.search(queries.xq, 11, params=params)[1], rows, 10)
+    assert round(set_recall(found, truth), 4) == entry.recall_at_k
+    # a later selection over the same items (another level, the expanded rows) reuses the links
+    v, _ = normalize_rows(u + 0.01 * clustered_data(3000, 32, seed=8))
+    _, again = select_index(v, queries, 10, 0.95, 4.0, kinds=("hnsw",), shared=shared)
+    assert shared.builds["hnsw"] == 1 and "hnsw_build" not in again.selection_timings_s
+    assert again.candidates and again.candidates[0].method == "HNSW32"
+
+
+def test_a_build_selects_twice_but_builds_its_graph_once(tmp_path):
+    x = clustered_data(3000, 32, seed=23)
+    paths = write_gallery(tmp_path / "g", x, with_metadata=False)
+    kinds = ("exact", "hnsw", "ivf-flat")
+    serving = ServingSpec(exact_max_n=1000, recall_sample=200, candidates=kinds)  # default: auto
+    m = build(
+        BuildConfig(gallery=paths["gallery"], root=tmp_path / "r", serving=serving, show_progress=False)
+    )
+    level, entry = m.levels[0], m.serving_index
+    assert level.candidates and entry.candidates  # both selections ran
+    assert "hnsw_build" in level.selection_timings_s  # over level 0, the distinct gallery rows
+    assert "hnsw_build" not in entry.selection_timings_s and "hnsw_storage" in entry.selection_timings_s
+    assert {s.method for s in entry.skipped} == set() and entry.selection_seconds is not None
+
+
+def test_the_default_is_auto_and_small_galleries_stay_flat_without_trying(tmp_path):
+    assert (
+        ServingSpec().method == "auto"
+        and BuildConfig(gallery=tmp_path, root=tmp_path).serving.method == "auto"
+    )
+    for command in ("build", "nightly"):
+        args = _parser().parse_args([command, "--gallery", "g.npy", "--root", "r"])
+        assert args.serving_index == "auto"
+    x = clustered_data(2000, 16, seed=24)
+    paths = write_gallery(tmp_path / "g", x, with_metadata=False)
+    m = build(BuildConfig(gallery=paths["gallery"], root=tmp_path / "r", show_progress=False))
+    entry = m.serving_index
+    assert entry.spec == "exact" and entry.candidates == [] and entry.selection_seconds is None
+    exact = ServingSpec(method="exact", exact_max_n=100)  # still reachable, at any size
+    m = build(BuildConfig(gallery=paths["gallery"], root=tmp_path / "e", serving=exact, show_progress=False))
+    assert m.serving_index.spec == "exact" and m.serving_index.index_type.startswith("IndexFlat")
