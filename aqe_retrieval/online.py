@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 
 from aqe_retrieval import aqe
-from aqe_retrieval.faiss_search import exact_knn_blocks, has_ondisk_lists, search_by_lists, search_parameters
+from aqe_retrieval.faiss_search import (
+    exact_knn_blocks,
+    has_ondisk_lists,
+    search_by_lists,
+    search_parameters,
+    serving_knn,
+)
 
 BY_LISTS_MIN = 32
 """From this many queries at once, a level index with on-disk lists is searched list by list."""
@@ -34,6 +40,19 @@ class GalleryLevel:
     search: NeighbourSearch
 
 
+def exact_rows(u: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k rows (q, k) of a level for normalised queries ``u`` (q, d).
+
+    float32 rows: :func:`~aqe_retrieval.faiss_search.serving_knn` (a numpy GEMV for one query,
+    measured 2.2x faster than FAISS's flat kNN at 200,000 x 256; FAISS for larger batches);
+    float16 rows: converted a block at a time (:func:`~aqe_retrieval.faiss_search.exact_knn_blocks`),
+    never the whole level at once.
+    """
+    if rows.dtype == np.float32:
+        return serving_knn(u, rows, k)[1]
+    return exact_knn_blocks(u, rows, k)[1]
+
+
 def gallery_level(
     rows: np.ndarray,
     norms: np.ndarray,
@@ -43,11 +62,11 @@ def gallery_level(
 ) -> GalleryLevel:
     """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters.
 
-    ``rows`` (n, d) float32 or float16 (a memmap: a query reads only its neighbours' rows, and
-    an exact scan converts a block at a time).
+    ``rows`` (n, d) float32 or float16 (a memmap: a query reads only its neighbours' rows). Exactly
+    is :func:`exact_rows`.
     """
     if index is None:
-        return GalleryLevel(rows, norms, lambda u, k: exact_knn_blocks(u, rows, k)[1])
+        return GalleryLevel(rows, norms, lambda u, k: exact_rows(u, rows, k))
     params = search_parameters(index, nprobe, ef_search)
     ondisk = has_ondisk_lists(index)
 
@@ -57,7 +76,7 @@ def gallery_level(
         else:
             ids = index.search(u, k, params=params)[1]
         if (ids < 0).any():  # an approximate index came back short: answer exactly
-            ids = exact_knn_blocks(u, rows, k)[1]
+            ids = exact_rows(u, rows, k)
         return ids
 
     return GalleryLevel(rows, norms, search)

@@ -25,12 +25,14 @@ from urllib.parse import urlsplit
 import numpy as np
 
 
-def request_bytes(host: str, port: int, body: bytes, path: str = "/search") -> bytes:
-    """``POST path`` with a JSON ``body``; ``GET path`` when ``body`` is empty."""
+def request_bytes(
+    host: str, port: int, body: bytes, path: str = "/search", content_type: str = "application/json"
+) -> bytes:
+    """``POST path`` with ``body`` (JSON by default); ``GET path`` when ``body`` is empty."""
     if not body:
         return f"GET {path} HTTP/1.1\r\nhost: {host}:{port}\r\n\r\n".encode()
     head = (
-        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: application/json\r\n"
+        f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-type: {content_type}\r\n"
         f"content-length: {len(body)}\r\n\r\n"
     )
     return head.encode() + body
@@ -39,6 +41,19 @@ def request_bytes(host: str, port: int, body: bytes, path: str = "/search") -> b
 def json_bodies(queries: np.ndarray, k: int) -> list[bytes]:
     """One ``{"embedding": [...], "k": k}`` body per query row."""
     return [json.dumps({"embedding": q.tolist(), "k": k}).encode() for q in queries]
+
+
+def chroma_bodies(queries: np.ndarray, k: int) -> list[bytes]:
+    """One Chroma ``/query`` body per query row (benchmarks/bench_vs_chroma.py)."""
+    return [
+        json.dumps({"query_embeddings": [q.tolist()], "n_results": k, "include": ["distances"]}).encode()
+        for q in queries
+    ]
+
+
+def float32_bodies(queries: np.ndarray) -> list[bytes]:
+    """One little-endian float32 body per query row (``application/octet-stream``)."""
+    return [np.asarray(q, dtype="<f4").tobytes() for q in queries]
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -73,7 +88,8 @@ async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k
                     errors[0] += 1
                 elif checked[0] < check:
                     checked[0] += 1
-                    results = json.loads(body)["results"]
+                    answer = json.loads(body)
+                    results = answer["results"] if "results" in answer else answer["ids"]  # Chroma's
                     if len(results) != 1 or len(results[0]) != k:
                         errors[0] += 1
                 i += clients
@@ -96,21 +112,36 @@ async def _load(url: str, requests: list[bytes], clients: int, seconds: float, k
     }
 
 
-def load(url: str, bodies: list[bytes], clients: int, seconds: float, k: int, path: str = "/search") -> dict:
+def load(
+    url: str,
+    bodies: list[bytes],
+    clients: int,
+    seconds: float,
+    k: int,
+    path: str = "/search",
+    content_type: str = "application/json",
+) -> dict:
     """Closed-loop load: ``clients`` connections, each sending the next body as soon as answered.
 
-    With ``path`` other than ``/search`` the client sends ``GET path`` and checks statuses only.
+    With ``path`` other than ``/search...`` the client sends ``GET path`` and checks statuses only.
     """
     parts = urlsplit(url)
     assert parts.hostname and parts.port
-    if path != "/search":
+    if path in ("/healthz", "/readyz"):
         bodies = [b""]
-    requests = [request_bytes(parts.hostname, parts.port, b, path) for b in bodies]
-    return asyncio.run(_load(url, requests, clients, seconds, k, 20 if path == "/search" else 0))
+    requests = [request_bytes(parts.hostname, parts.port, b, path, content_type) for b in bodies]
+    return asyncio.run(_load(url, requests, clients, seconds, k, 0 if not bodies[0] else 20))
 
 
 def run_in_subprocess(
-    url: str, queries: np.ndarray, k: int, clients: int, seconds: float, workdir: Path, path: str = "/search"
+    url: str,
+    queries: np.ndarray,
+    k: int,
+    clients: int,
+    seconds: float,
+    workdir: Path,
+    path: str = "/search",
+    encoding: str = "json",
 ) -> dict:
     """:func:`load` in a child process (its own GIL); returns its figures."""
     saved = workdir / "http_load_queries.npy"
@@ -129,6 +160,8 @@ def run_in_subprocess(
             str(seconds),
             "--path",
             path,
+            "--encoding",
+            encoding,
         ],
         check=True,
         capture_output=True,
@@ -145,9 +178,24 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=1)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--path", default="/search", help="other paths: GET, status checked only")
+    p.add_argument(
+        "--encoding",
+        choices=["json", "float32", "chroma"],
+        default="json",
+        help="float32: application/octet-stream bodies, k in the query string; chroma: Chroma's "
+        "query bodies, to --path (its collection's /query route)",
+    )
     a = p.parse_args()
     queries = np.load(a.queries)
-    print(json.dumps(load(a.url, json_bodies(queries, a.k), a.clients, a.seconds, a.k, a.path)))
+    if a.encoding == "float32":
+        path = f"{a.path}?k={a.k}" if a.path == "/search" else a.path
+        binary = "application/octet-stream"
+        figures = load(a.url, float32_bodies(queries), a.clients, a.seconds, a.k, path, binary)
+    elif a.encoding == "chroma":
+        figures = load(a.url, chroma_bodies(queries, a.k), a.clients, a.seconds, a.k, a.path)
+    else:
+        figures = load(a.url, json_bodies(queries, a.k), a.clients, a.seconds, a.k, a.path)
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from threadpoolctl import threadpool_limits
 
-from aqe_retrieval.errors import FilterError, QueryError
+from aqe_retrieval.errors import FilterError, QueryError, UnknownIdError
 from service import openapi, render
 from service.batcher import Batcher, Overloaded
 from service.index_manager import IndexManager
@@ -80,7 +80,7 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
     app.add_middleware(Observe, metrics=metrics)
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
     # the errors a search can raise for its caller's input, at their status in the one table
-    for error in (QueryError, FilterError):
+    for error in (QueryError, FilterError, UnknownIdError):
         app.add_exception_handler(error, render.domain_error)
     app.add_exception_handler(RequestValidationError, render.invalid_body)
     app.add_exception_handler(Overloaded, render.overloaded)

@@ -3,7 +3,7 @@
 A FAISS search of 32 queries costs far less than 32 searches of one (one GEMM instead of 32
 matrix-vector products). Requests put their (validated) queries on a queue; ``workers`` threads
 each take whatever unfiltered work is waiting, up to ``max_rows`` rows, search it as one batch
-per searcher and expansion flag (requests on different versions are never mixed), and hand
+per searcher, expansion flag and mode (requests on different versions are never mixed), and hand
 each group its rows as soon as that group is searched. Nothing waits for a timer: an idle
 service answers a lone request at once, and requests that arrive while the workers are busy
 form the next batch.
@@ -71,6 +71,7 @@ class _Job:
     future: Future | None = None  # a thread's caller (search, submit)
     loop: asyncio.AbstractEventLoop | None = None  # an event loop's caller (submit_async)
     afuture: asyncio.Future | None = None
+    raw: bool = False  # plain kNN over the un-expanded gallery (Searcher.search's raw)
 
     def start(self) -> str | None:
         """Why to skip the job: ``"gone"`` (the caller gave up), ``"late"`` (deadline), or None."""
@@ -160,8 +161,9 @@ class Batcher:
         expand: bool = True,
         filters: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        raw: bool = False,
     ) -> Future:
-        """Queue a search; the future resolves to ``searcher.search(queries, k, expand, filters)``.
+        """Queue a search; the future resolves to ``searcher.search(queries, k, expand, filters, raw=raw)``.
 
         The queries are validated here, in the caller's thread, so a bad one fails alone and
         never reaches a batch. Raises :class:`QueueFull`; a job still queued after ``timeout_s``
@@ -170,7 +172,7 @@ class Batcher:
         future: Future = Future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         checked = searcher.check_queries(queries)
-        self._put(_Job(searcher, checked, k, expand, filters or None, deadline, future=future))
+        self._put(_Job(searcher, checked, k, expand, filters or None, deadline, future=future, raw=raw))
         return future
 
     def submit_async(
@@ -181,6 +183,7 @@ class Batcher:
         expand: bool = True,
         filters: dict[str, Any] | None = None,
         timeout_s: float | None = None,
+        raw: bool = False,
     ) -> asyncio.Future:
         """Like :meth:`submit`, from a coroutine: await the returned future (cancel to give up).
 
@@ -192,7 +195,10 @@ class Batcher:
         future = loop.create_future()
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         checked = searcher.check_queries(queries)
-        self._put(_Job(searcher, checked, k, expand, filters or None, deadline, loop=loop, afuture=future))
+        job = _Job(
+            searcher, checked, k, expand, filters or None, deadline, loop=loop, afuture=future, raw=raw
+        )
+        self._put(job)
         if timeout_s is not None:
             timer = loop.call_later(timeout_s, _expire, future, timeout_s)
             future.add_done_callback(lambda _: timer.cancel())
@@ -205,9 +211,10 @@ class Batcher:
         k: int,
         expand: bool = True,
         filters: dict[str, Any] | None = None,
+        raw: bool = False,
     ) -> list[list[Hit]]:
-        """Like ``searcher.search(queries, k, expand, filters)``, batched with concurrent callers."""
-        return self.submit(searcher, queries, k, expand, filters).result()
+        """Like ``searcher.search(queries, k, expand, filters, raw=raw)``, batched with concurrent callers."""
+        return self.submit(searcher, queries, k, expand, filters, raw=raw).result()
 
     def close(self) -> None:
         """Stop the workers (jobs already queued are still answered)."""
@@ -233,12 +240,12 @@ class Batcher:
                     break
                 jobs.append(job)
                 rows += len(job.queries)
-            groups: dict[tuple[int, bool], list[_Job]] = {}
+            groups: dict[tuple[int, bool, bool], list[_Job]] = {}
             # a request whose client went away, or whose deadline passed, is dropped here
             for job in jobs:
                 if self._dropped(job):
                     continue
-                groups.setdefault((id(job.searcher), job.expand), []).append(job)
+                groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
             for group in groups.values():  # each group answered as soon as it is searched
                 self._deliver(self._answer(group))
             if stop:
@@ -264,7 +271,8 @@ class Batcher:
         try:
             batch = np.concatenate([j.queries for j in group])
             # each job's queries were checked when it was submitted
-            hits = first.searcher.search_checked(batch, max(j.k for j in group), first.expand, first.filters)
+            k = max(j.k for j in group)
+            hits = first.searcher.search_checked(batch, k, first.expand, first.filters, raw=first.raw)
         except Exception as exc:  # the failure goes to every request of the group
             return [(j, (None, exc)) for j in group]
         self.batches += 1

@@ -2,8 +2,9 @@
 
 The document says what the served version accepts: ``embedding`` and every row of
 ``embeddings`` have exactly d items (``minItems`` = ``maxItems`` = d), and the examples are
-vectors of that length (an example of another length would be refused with a 400). It is built
-on first request and again whenever the served version's d changes (a reload), so it is never
+vectors of that length (an example of another length would be refused with a 400). An example
+searches by the id of the version's first item. It is built on first request and again whenever
+the served version's d or first id changes (a reload), so it is never
 older than the index it describes.
 
 ``/docs`` (Swagger UI) and ``/redoc`` load their scripts and styles from this service
@@ -36,10 +37,12 @@ def example_vector(d: int, seed: int) -> list[float]:
     return [round(((i * 7919 + seed * 104729) % 2001 - 1000) / 1000, 3) or 0.5 for i in range(d)]
 
 
-def examples(d: int) -> dict[str, dict[str, Any]]:
-    """Request bodies that the served version (dimension ``d``) answers with a 200."""
+def examples(d: int, example_id: str = "0") -> dict[str, dict[str, Any]]:
+    """Request bodies that the served version (dimension ``d``, an item ``example_id``) answers with a 200."""
     return {
         "one query": {"value": {"embedding": example_vector(d, 1), "k": 5}},
+        "more like a gallery item, above a score": {"value": {"id": example_id, "k": 5, "min_score": 0.5}},
+        "plain kNN (no AQE), for A/B": {"value": {"embedding": example_vector(d, 4), "mode": "raw"}},
         "a batch, with metadata": {
             "value": {
                 "embeddings": [example_vector(d, 2), example_vector(d, 3)],
@@ -50,7 +53,7 @@ def examples(d: int) -> dict[str, dict[str, Any]]:
     }
 
 
-def with_dimension(schema: dict[str, Any], d: int | None) -> dict[str, Any]:
+def with_dimension(schema: dict[str, Any], d: int | None, example_id: str = "0") -> dict[str, Any]:
     """``schema`` (the whole document) with /search's body tied to dimension ``d`` (in place).
 
     ``d=None`` (nothing loaded yet): no dimension and no examples, rather than wrong ones.
@@ -66,7 +69,7 @@ def with_dimension(schema: dict[str, Any], d: int | None) -> dict[str, Any]:
     one.update(minItems=d, maxItems=d)
     [batch] = [s for s in props["embeddings"]["anyOf"] if s.get("type") == "array"]
     batch["items"].update(minItems=d, maxItems=d)
-    body["examples"] = examples(d)
+    body["examples"] = examples(d, example_id)
     return schema
 
 
@@ -77,11 +80,13 @@ def install(app: FastAPI) -> None:
     def openapi() -> dict[str, Any]:
         searcher = app.state.manager.searcher
         d = searcher.d if searcher is not None else None
-        if app.openapi_schema is None or cached.get("d", -1) != d:
+        example_id = searcher.external_id(0) if searcher is not None else "0"
+        if app.openapi_schema is None or cached.get("key") != (d, example_id):
             schema = get_openapi(
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
-            app.openapi_schema, cached["d"] = with_dimension(schema, d), d
+            app.openapi_schema = with_dimension(schema, d, example_id)
+            cached["key"] = (d, example_id)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

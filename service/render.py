@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -30,7 +31,11 @@ async def search_response(searcher: Searcher, hits: list[list[Hit]], with_metada
 
 
 def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
-    """Each hit as its external id and score (and metadata), under the served version."""
+    """Each hit as its external id and score (and metadata), under the served version.
+
+    Encoded by orjson (what Starlette's JSONResponse does with the standard library's
+    ``json.dumps``, several times faster; measured in the README's HTTP throughput notes).
+    """
     results = [
         [
             {"id": searcher.external_id(h.row), "score": h.score}
@@ -39,7 +44,8 @@ def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) 
         ]
         for row in hits
     ]
-    return JSONResponse({"index_version": searcher.version, "results": results})
+    body = orjson.dumps({"index_version": searcher.version, "results": results})
+    return Response(body, media_type="application/json")
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:

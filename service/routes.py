@@ -6,8 +6,10 @@ FAISS call; FAISS releases the GIL) and is awaited there; the rendering of large
 Starlette's threadpool. A small request costs no thread hop besides the batcher's
 (benchmarks/bench_service.py).
 
-What the routes need lives on ``app.state`` (set by :func:`service.app.create_app`) and is
-declared once below as ``Annotated`` dependencies; :func:`add_routes` puts the routes on an app.
+What the routes need lives on ``app.state`` (set by :func:`service.app.create_app`); the other
+routes declare it once below as ``Annotated`` dependencies, while ``/search`` reads it directly
+(a plain Starlette route: no per-request dependency machinery). Request bodies are decoded in
+:mod:`service.search_request`; :func:`add_routes` puts the routes on an app.
 """
 
 from __future__ import annotations
@@ -16,17 +18,15 @@ import hmac
 import time
 from typing import Annotated, Any
 
-import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
-from aqe_retrieval.errors import QueryError
 from aqe_retrieval.searcher import Searcher
-from service import render
+from service import render, search_request
 from service.batcher import DeadlineExceeded
 from service.index_manager import IndexManager
 from service.info import info_summary
@@ -38,10 +38,20 @@ from service.settings import Settings
 PARSE_INLINE_BYTES = 64 * 1024
 
 # /search reads its body itself (_parse_search_request); this puts its schema back in /docs
+BINARY_QUERIES = {
+    "schema": {"type": "string", "format": "binary"},
+    "description": "float32 queries, row after row (octet-stream: little-endian, a whole number "
+    "of d-long rows; x-npy: one np.save array of (d,) or (m, d), float32 or float64); the other "
+    "fields as query parameters (filter as JSON)",
+}
 SEARCH_REQUEST_BODY = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+        "content": {
+            "application/json": {"schema": SearchRequest.model_json_schema()},
+            "application/octet-stream": BINARY_QUERIES,
+            "application/x-npy": BINARY_QUERIES,
+        },
     }
 }
 # every status each route can answer, for the OpenAPI document
@@ -49,10 +59,15 @@ RETRY = {"Retry-After": {"description": "seconds to wait before retrying", "sche
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {
         "model": ErrorResponse,
-        "description": "the request cannot be answered as asked (dimension, values, k, batch, filter)",
+        "description": "the request cannot be answered as asked (dimension, values, k, batch, filter, "
+        "min_score, not exactly one of embedding / embeddings / id / ids)",
     },
+    404: {"model": ErrorResponse, "description": "an `id` / `ids` the served version does not hold"},
     413: {"model": ErrorResponse, "description": "body over AQE_MAX_BODY_BYTES or the largest legal batch"},
-    415: {"model": ErrorResponse, "description": "body not declared application/json"},
+    415: {
+        "model": ErrorResponse,
+        "description": "body not declared application/json, application/octet-stream or application/x-npy",
+    },
     422: {"model": ValidationErrorResponse, "description": "body is not JSON or not a search request"},
     503: {
         "model": ErrorResponse,
@@ -66,14 +81,6 @@ ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "admin routes are off: AQE_ADMIN_TOKEN is not set"},
     415: {"model": ErrorResponse, "description": "a body that is not declared application/json"},
 }
-
-
-async def current_searcher(request: Request) -> Searcher:
-    """The searcher of the served version, taken once per request (503 before the first load)."""
-    searcher = request.app.state.manager.searcher
-    if searcher is None:
-        raise HTTPException(503, "no index version is loaded yet")
-    return searcher
 
 
 async def app_manager(request: Request) -> IndexManager:
@@ -109,34 +116,62 @@ def require_admin(request: Request, authorization: Annotated[str | None, Header(
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-ServedIndex = Annotated[Searcher, Depends(current_searcher)]
 Manager = Annotated[IndexManager, Depends(app_manager)]
 AppSettings = Annotated[Settings, Depends(app_settings)]
 AppMetrics = Annotated[Metrics, Depends(app_metrics)]
 
 
-async def search(request: Request, searcher: ServedIndex) -> Response:
-    """Nearest gallery items of each query embedding, best first."""
-    # The hot path: app state read directly, no dependencies beyond the searcher's.
+async def search(request: Request) -> Response:
+    """Nearest gallery items of each query, best first (JSON, float32 or .npy queries)."""
+    # The hot path, served by a plain Starlette route (SearchRoute): app state read directly,
+    # no FastAPI dependency or body machinery per request.
     state = request.app.state
+    searcher: Searcher | None = state.manager.searcher
+    if searcher is None:
+        raise HTTPException(503, "no index version is loaded yet")
     settings: Settings = state.settings
     started = time.monotonic()
-    require_json(request)
+    kind = search_request.media_kind(request.headers.get("content-type", ""))
     raw = await request.body()
+    params = dict(request.query_params) if kind != search_request.JSON else {}
     if len(raw) <= PARSE_INLINE_BYTES:
-        body, queries = _read_search_request(raw, settings)
+        body, queries = search_request.read(kind, raw, params, settings, searcher)
     else:  # a large body is parsed off the event loop, so /healthz and small requests go on
-        body, queries = await run_in_threadpool(_read_search_request, raw, settings)
+        body, queries = await run_in_threadpool(search_request.read, kind, raw, params, settings, searcher)
     left = settings.request_timeout_s - (time.monotonic() - started)
     if left <= 0:
         raise DeadlineExceeded(f"request deadline of {settings.request_timeout_s:g} s passed while parsing")
     state.metrics.queries.observe(len(queries))
     # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones.
     # A client that hangs up cancels this task (service.protocol), which drops the queued job.
+    raw_mode = body.mode == "raw"
     hits = await state.batcher.submit_async(
-        searcher, queries, body.k, expand=body.expand_query, filters=body.filter, timeout_s=left
+        searcher,
+        queries,
+        body.k,
+        expand=body.expand_query and not raw_mode,
+        filters=body.filter,
+        timeout_s=left,
+        raw=raw_mode,
     )
+    if body.min_score is not None:  # per request: a batch mixes requests of different floors
+        floor = body.min_score
+        hits = [[h for h in row if h.score >= floor] for row in hits]
     return await render.search_response(searcher, hits, body.with_metadata)
+
+
+class SearchRoute(Route):
+    """``POST /search`` as a plain Starlette route (the documented APIRoute stays for OpenAPI).
+
+    Measured against FastAPI's route with its dependency: see the README's HTTP throughput
+    notes. Sets ``scope["route"]`` as FastAPI's routes do, for the metrics' route label.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match != Match.NONE:
+            child = {**child, "route": self}
+        return match, child
 
 
 def require_json(request: Request) -> None:
@@ -211,7 +246,10 @@ def add_routes(app: FastAPI) -> None:
 
     Not through an included ``APIRouter``: FastAPI resolves an included router on every request
     (a second match, scope bookkeeping), work the tuned ``/search`` path did not do before.
+    ``POST /search`` is served by :class:`SearchRoute`, matched first; the APIRoute of the same
+    path and endpoint after it is what the OpenAPI document describes.
     """
+    app.router.routes.append(SearchRoute("/search", search, methods=["POST"]))
     app.add_api_route(
         "/search",
         search,
@@ -233,44 +271,3 @@ def add_routes(app: FastAPI) -> None:
         dependencies=[Depends(require_admin), Depends(require_json_if_body)],
         responses={**ADMIN_ERRORS, 409: {"description": "the version was refused; the old one serves on"}},
     )
-
-
-def _read_search_request(raw: bytes, settings: Settings) -> tuple[SearchRequest, np.ndarray]:
-    """The parsed body and its queries as a float64 matrix (all checks but the searcher's)."""
-    body = _parse_search_request(raw)
-    queries = _queries(body, settings)
-    if not 1 <= body.k <= settings.max_k:
-        raise QueryError(f"k must be between 1 and {settings.max_k}, got {body.k}")
-    return body, queries
-
-
-def _parse_search_request(raw: bytes) -> SearchRequest:
-    """The body parsed and validated in one pass by pydantic-core (no Python-level JSON tree).
-
-    Measured: the standard library's JSON decoding was a third of the event loop's time per
-    request under load (py-spy, benchmarks/bench_service.py). Errors keep FastAPI's shape.
-    """
-    try:
-        return SearchRequest.model_validate_json(raw)
-    except ValidationError as exc:
-        errors = exc.errors(include_url=False, include_input=False, include_context=False)
-        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
-
-
-def _queries(body: SearchRequest, settings: Settings) -> np.ndarray:
-    """The request's embeddings as one float64 matrix, after the checks of its shape."""
-    if (body.embedding is None) == (body.embeddings is None):
-        raise QueryError("send exactly one of 'embedding' (one query) or 'embeddings' (a batch)")
-    rows = [body.embedding] if body.embedding is not None else body.embeddings
-    assert rows is not None
-    if not rows:
-        raise QueryError("'embeddings' is empty")
-    if len(rows) > settings.max_batch:
-        raise QueryError(f"batch of {len(rows)} is over the limit of {settings.max_batch}")
-    dims = {len(r) for r in rows}
-    if len(dims) != 1:
-        raise QueryError(f"embeddings of different lengths {sorted(dims)} in one batch")
-    if 0 in dims:
-        raise QueryError("empty embedding")
-    # float64: the searcher checks the values (NaN, Inf, beyond float32) before narrowing them
-    return np.asarray(rows, dtype=np.float64)

@@ -101,9 +101,9 @@ class _Blocking:
     def check_queries(self, queries):
         return self.searcher.check_queries(queries)
 
-    def search_checked(self, queries, k, expand=True, filters=None):
+    def search_checked(self, queries, k, expand=True, filters=None, raw=False):
         assert self.gate.wait(10)
-        return self.searcher.search_checked(queries, k, expand, filters)
+        return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
 
 
 class _Recording:
@@ -115,9 +115,9 @@ class _Recording:
     def check_queries(self, queries):
         return self.searcher.check_queries(queries)
 
-    def search_checked(self, queries, k, expand=True, filters=None):
+    def search_checked(self, queries, k, expand=True, filters=None, raw=False):
         self.seen.append(np.array(queries))
-        return self.searcher.search_checked(queries, k, expand, filters)
+        return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
 
 
 def test_searches_run_with_the_configured_openmp_threads(searcher, small_gallery):
@@ -126,9 +126,9 @@ def test_searches_run_with_the_configured_openmp_threads(searcher, small_gallery
     seen: list[int] = []
 
     class Recording(_Blocking):
-        def search_checked(self, queries, k, expand=True, filters=None):
+        def search_checked(self, queries, k, expand=True, filters=None, raw=False):
             seen.append(faiss.omp_get_max_threads())
-            return self.searcher.search_checked(queries, k, expand, filters)
+            return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
 
     batcher = Batcher(workers=2, threads=3)
     try:

@@ -14,6 +14,7 @@ from aqe_retrieval.aqe import normalize_rows
 from aqe_retrieval.errors import FilterError, QueryError, UnknownIdError
 from aqe_retrieval.searcher import MAX_ABS_VALUE, Searcher
 from index_builder.build import build
+from index_builder.cli import main as builder
 from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 from service.app import create_app
@@ -236,3 +237,64 @@ def test_min_score_drops_the_hits_below_it(searcher, small_gallery):
     assert searcher.search(q, 20, min_score=-2.0) == full
     with pytest.raises(QueryError, match="min_score"):
         searcher.search(q, 5, min_score=float("nan"))
+
+
+def level0_brute_force(searcher: Searcher, queries: np.ndarray) -> np.ndarray:
+    """Cosines of the raw queries to every raw (level-0) gallery row."""
+    rows = np.asarray(searcher.artifact.levels[0].rows, np.float64)
+    return normalize_rows(queries)[0].astype(np.float64) @ rows.T
+
+
+def assert_top(row: np.ndarray, got: list, k: int) -> None:
+    """``got`` is a top-k of brute-force scores ``row``: the k best scores, each its row's own
+    (the gallery has duplicates, so tied rows may come in either order)."""
+    assert len(got) == k
+    np.testing.assert_allclose([h.score for h in got], np.sort(row)[::-1][:k], atol=1e-5)
+    np.testing.assert_allclose([row[h.row] for h in got], [h.score for h in got], atol=1e-5)
+
+
+def test_raw_mode_is_plain_knn_over_the_unexpanded_gallery(searcher, small_gallery):
+    x, _ = small_gallery
+    queries = x[::75] + 0.01
+    sims = level0_brute_force(searcher, queries)
+    for expand in (True, False):  # raw never expands
+        hits = searcher.search(queries, 8, expand, raw=True)
+        for row, got in zip(sims, hits, strict=True):
+            assert_top(row, got, 8)
+    aqe_hits = searcher.search(queries, 8)
+    assert [[h.score for h in r] for r in aqe_hits] != [[h.score for h in r] for r in hits]
+
+
+def test_raw_mode_filters_and_min_score(searcher, small_gallery):
+    x, _ = small_gallery
+    q = x[7:9] + 0.01
+    hits = searcher.search(q, 10, raw=True, filters={"camera": 2})
+    cams = searcher.artifact.metadata["camera"]
+    sims = level0_brute_force(searcher, q)
+    sims[:, cams != 2] = -np.inf
+    for row, got in zip(sims, hits, strict=True):
+        assert_top(row, got, 10)
+        assert all(cams[h.row] == 2 for h in got)
+    cut = hits[0][4].score
+    kept = searcher.search(q, 10, raw=True, filters={"camera": 2}, min_score=cut)
+    assert [h.row for h in kept[0]] == [h.row for h in hits[0][:5]]
+
+
+def test_raw_mode_through_an_approximate_level_index(tmp_path, small_gallery):
+    """A level index (approximate graph) answers raw mode; every list probed it is exact."""
+    x, paths = small_gallery
+    root = tmp_path / "root"
+    argv = ["build", "--gallery", str(paths["gallery"]), "--metadata", str(paths["metadata"])]
+    argv += ["--root", str(root), "--qe-k", "5"]
+    assert builder([*argv, "--knn", "IVF8,Flat", "--nprobe", "8", "--no-progress"]) == 0
+    s = Searcher(artifact.load(root))
+    assert s.artifact.levels[0].index is not None
+    queries = x[::100] + 0.01
+    sims = level0_brute_force(s, queries)
+    for row, got in zip(sims, s.search(queries, 5, raw=True), strict=True):
+        assert_top(row, got, 5)
+    cams = s.artifact.metadata["camera"]
+    sims[:, ~np.isin(cams, [1, 2])] = -np.inf  # through the level index's id selector
+    filtered = s.search(queries, 5, raw=True, filters={"camera": {"in": [1, 2]}})
+    for row, got in zip(sims, filtered, strict=True):
+        assert_top(row, got, 5)
