@@ -12,6 +12,9 @@
         serving.faiss               FAISS index over the normalised expanded rows
         ids.npy                     external ids (str), when given
         meta_<i>.npy                metadata column i (name and type in the manifest)
+        graph_<t>_ids.npy           level t's top-qe_k graph: neighbour rows (n, k) int64
+        graph_<t>_sims.npy          ... and their cosines (n, k) float32
+        delta_*.npy                 a version made by add/delete: see below
       .staging-<version>-<pid>/     a version being written (never read by a loader)
       nightly_status.json           the scheduled job's last run (aqe_retrieval.status)
       .build.lock                   held by every writer: build, nightly, rollback
@@ -22,6 +25,16 @@ new one, never half of one. Every writer holds :func:`build_lock` (an exclusive 
 it writes, so leftovers of a killed writer are removed by the next one that holds the lock,
 whatever host or container it ran on. Nothing is pickled: arrays are ``.npy`` loaded with
 ``allow_pickle=False``, indexes FAISS's own format.
+
+A version made by ``add``/``delete`` (format 2, ``manifest.delta``) holds the files of the full
+build it descends from (its *base*) as hard links (no copy; a file's bytes live as long as one
+version links it, so pruning the base never breaks it) plus a small delta, cumulative since the
+base: ``delta_dead.npy`` (base rows deleted), ``delta_ids.npy``/``delta_meta_<i>.npy`` (the
+appended rows' ids and metadata), and per level ``delta_level_<t>_{pos,rows,norms}.npy`` and
+``delta_graph_<t>_{pos,ids,sims}.npy`` (the rows whose values or neighbours changed, by their
+position in the version; ``t = qe_times`` is the served level). :func:`load` presents it as a
+full build would: the base rows not deleted, in order, then the appended rows (compacted, so row
+numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`.
 """
 
 from __future__ import annotations
@@ -47,11 +60,16 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
+from aqe_retrieval import delta
 from aqe_retrieval.errors import ArtifactError, LockedError
 from aqe_retrieval.manifest import (
-    FORMAT_VERSION,
+    READABLE_FORMATS,
     SERVING_INDEX,
+    DeltaEntry,
+    DeltaGraph,
+    DeltaLevel,
     FileEntry,
+    GraphEntry,
     LevelEntry,
     Manifest,
     MetadataColumn,
@@ -177,6 +195,8 @@ class Staging:
         self.metadata: list[MetadataColumn] = []
         self.ids_file: str | None = None
         self.serving = ServingIndexEntry()
+        self.graphs: list[GraphEntry] = []
+        self.known: dict[str, FileEntry] = {}  # hard-linked files: checksums taken from the parent
 
     def save_level(
         self,
@@ -225,6 +245,71 @@ class Staging:
             np.save(self.path / col.file, values, allow_pickle=False)
             self.metadata.append(col)
 
+    def save_graph(self, level: int, ids: np.ndarray, sims: np.ndarray) -> None:
+        """Store level ``level``'s top-k graph: ids (n, k) int64, sims (n, k) float32."""
+        entry = GraphEntry(level=level, ids=f"graph_{level}_ids.npy", sims=f"graph_{level}_sims.npy")
+        np.save(self.path / entry.ids, np.ascontiguousarray(ids, dtype=np.int64))
+        np.save(self.path / entry.sims, np.ascontiguousarray(sims, dtype=np.float32))
+        self.graphs.append(entry)
+
+    def link_base(self, root: Path, parent: Manifest) -> None:
+        """Hard-link every base file of ``parent`` (not its delta) into this version: no copy."""
+        src = version_dir(root, parent.version)
+        own = set(parent.delta.file_names()) if parent.delta else set()
+        for name, entry in parent.files.items():
+            if name not in own:
+                os.link(src / name, self.path / name)
+                self.known[name] = entry
+        self.levels = [e.model_copy() for e in parent.levels]
+        self.serving = parent.serving_index.model_copy()
+        self.ids_file, self.metadata = parent.ids_file, [c.model_copy() for c in parent.metadata]
+        self.graphs = [g.model_copy() for g in parent.graphs]
+
+    def save_delta(
+        self,
+        base_version: str,
+        base_n: int,
+        dead: np.ndarray,
+        appended_ids: list[str] | None,
+        appended_metadata: dict[str, np.ndarray],
+        levels: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+        graphs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        appended: int,
+    ) -> DeltaEntry:
+        """Store a delta over the linked base: see the module docstring for what each file holds.
+
+        ``levels[t]`` = (positions, normalised rows, norms or None); ``graphs[t]`` = (positions,
+        ids, sims); ``appended_metadata`` in the order of the base's metadata columns.
+        """
+        entry = DeltaEntry(base_version=base_version, base_n=base_n, dead="delta_dead.npy", appended=appended)
+        np.save(self.path / entry.dead, np.asarray(dead, dtype=np.int64))
+        if appended_ids is not None:
+            entry.ids = "delta_ids.npy"
+            np.save(self.path / entry.ids, np.array(appended_ids, dtype=np.str_))
+        for i, values in enumerate(appended_metadata.values()):
+            entry.metadata.append(f"delta_meta_{i}.npy")
+            np.save(self.path / entry.metadata[-1], values, allow_pickle=False)
+        for t, (pos, rows, norms) in enumerate(levels):
+            lv = DeltaLevel(level=t, pos=f"delta_level_{t}_pos.npy", rows=f"delta_level_{t}_rows.npy")
+            np.save(self.path / lv.pos, np.asarray(pos, dtype=np.int64))
+            np.save(self.path / lv.rows, np.ascontiguousarray(rows, dtype=np.float32))
+            if norms is not None:
+                lv.norms = f"delta_level_{t}_norms.npy"
+                np.save(self.path / lv.norms, np.asarray(norms, dtype=np.float32))
+            entry.levels.append(lv)
+        for t, (pos, ids, sims) in enumerate(graphs):
+            g = DeltaGraph(
+                level=t,
+                pos=f"delta_graph_{t}_pos.npy",
+                ids=f"delta_graph_{t}_ids.npy",
+                sims=f"delta_graph_{t}_sims.npy",
+            )
+            np.save(self.path / g.pos, np.asarray(pos, dtype=np.int64))
+            np.save(self.path / g.ids, np.asarray(ids, dtype=np.int64))
+            np.save(self.path / g.sims, np.asarray(sims, dtype=np.float32))
+            entry.graphs.append(g)
+        return entry
+
     def load_levels(self, n: int, d: int) -> list[Level]:
         """The levels saved so far, memory-mapped back (for checks before publishing)."""
         return [
@@ -241,6 +326,9 @@ class Staging:
         """Checksum, write the manifest, fsync, rename into place, switch ``current``, prune."""
         files = {}
         for p in sorted(self.path.iterdir()):
+            if p.name in self.known:  # a hard link of a published, fsynced, checksummed file
+                files[p.name] = self.known[p.name]
+                continue
             files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
             _fsync(p)
         manifest = Manifest(
@@ -250,6 +338,7 @@ class Staging:
             serving_index=self.serving,
             ids_file=self.ids_file,
             metadata=self.metadata,
+            graphs=self.graphs,
             files=files,
             software=software_versions(),
             **fields,
@@ -370,9 +459,11 @@ def read_manifest(root: Path, version: str) -> Manifest:
         raise ArtifactError(f"version {version}: no manifest") from exc
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"version {version}: manifest does not parse ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+    if not isinstance(raw, dict) or raw.get("format_version") not in READABLE_FORMATS:
         found = raw.get("format_version") if isinstance(raw, dict) else None
-        raise ArtifactError(f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"version {version}: format version {found!r}, this build reads {list(READABLE_FORMATS)}"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
@@ -530,6 +621,8 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
         if problems:
             raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
     mode: Literal["r"] | None = "r" if mmap else None
+    if manifest.delta is not None:
+        return _load_delta(root, manifest, base, mode)
     n, d = manifest.n, manifest.d
     levels = []
     for entry in manifest.levels:
@@ -545,12 +638,116 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
     return Artifact(root, manifest, levels, serving, ids, metadata)
 
 
-def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def _load_delta(root: Path, manifest: Manifest, base: Path, mode: Literal["r"] | None) -> Artifact:
+    """A format-2 version as a full build would present it (compacted; see the module docstring)."""
+    dl = manifest.delta
+    assert dl is not None
+    n, d, nb = manifest.n, manifest.d, dl.base_n
+    dead = _load_npy(base / dl.dead, None, None, np.int64)
+    view = delta.View(nb, dead, dl.appended)
+    if view.n != n:
+        raise ArtifactError(f"version {manifest.version}: delta makes {view.n} rows, manifest says {n}")
+    over = {lv.level: lv for lv in dl.levels}
+    if sorted(over) != list(range(manifest.qe_times + 1)):
+        raise ArtifactError(f"version {manifest.version}: delta levels {sorted(over)}")
+
+    def overrides(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        lv = over[t]
+        pos = _load_npy(base / lv.pos, None, None, np.int64)
+        rows = _load_npy(base / lv.rows, None, (len(pos), d), np.float32)
+        norms = _load_npy(base / lv.norms, None, (len(pos),), np.float32) if lv.norms else None
+        return pos, rows, norms
+
+    levels = []
+    for entry in manifest.levels:
+        if entry.index:
+            raise ArtifactError(
+                f"version {manifest.version}: a delta over an expansion index is not supported"
+            )
+        pos, rows, norms = overrides(entry.level)
+        if norms is None:
+            raise ArtifactError(f"version {manifest.version}: delta level {entry.level} has no norms")
+        base_rows = _load_npy(base / entry.rows, mode, (nb, d), np.float32)
+        base_norms = _load_npy(base / entry.norms, mode, (nb,), np.float32)
+        levels.append(
+            Level(view.apply(base_rows, pos, rows), view.apply(base_norms, pos, norms), None, entry)
+        )
+    served = _read_index(base / manifest.serving_index.file, nb, d, False)
+    if not isinstance(served, faiss.IndexFlat):
+        raise ArtifactError(
+            f"version {manifest.version}: a delta over a {type(served).__name__} is not supported"
+        )
+    pos, rows, _ = overrides(manifest.qe_times)
+    final = view.apply(served.reconstruct_n(0, nb), pos, rows)
+    serving = faiss.IndexFlatIP(d)
+    serving.add(final)
+    ids = None
+    if manifest.ids_file:
+        if dl.ids is None:
+            raise ArtifactError(f"version {manifest.version}: the delta has no ids for its appended rows")
+        extra = _load_npy(base / dl.ids, None, (dl.appended,), None)
+        ids = view.append(_load_npy(base / manifest.ids_file, mode, (nb,), None), extra)
+    metadata = {
+        c.name: view.append(
+            _load_npy(base / c.file, mode, (nb,), None), _load_npy(base / f, None, (dl.appended,), None)
+        )
+        for c, f in zip(manifest.metadata, dl.metadata, strict=True)
+    }
+    return Artifact(root, manifest, levels, serving, ids, metadata)
+
+
+def load_graphs(art: Artifact) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The stored top-k graph of every level, in the version's own row numbering; None if absent."""
+    m = art.manifest
+    if len(m.graphs) != m.qe_times:
+        return None
+    base = version_dir(art.root, m.version)
+    k = m.effective_qe_k
+    nb = m.delta.base_n if m.delta else m.n
+    out = []
+    for g in m.graphs:
+        ids = _load_npy(base / g.ids, "r", (nb, k), np.int64)
+        sims = _load_npy(base / g.sims, "r", (nb, k), np.float32)
+        if m.delta is not None:
+            dg = next(x for x in m.delta.graphs if x.level == g.level)
+            view = delta.View(nb, _load_npy(base / m.delta.dead, None, None, np.int64), m.delta.appended)
+            pos = _load_npy(base / dg.pos, None, None, np.int64)
+            ids = view.apply(view.renumber(ids), pos, _load_npy(base / dg.ids, None, (len(pos), k), np.int64))
+            sims = view.apply(sims, pos, _load_npy(base / dg.sims, None, (len(pos), k), np.float32))
+        out.append((ids, sims))
+    return out
+
+
+def delta_dead(art: Artifact) -> np.ndarray:
+    """The base rows a delta version deleted (sorted int64); empty for a full build."""
+    m = art.manifest
+    if m.delta is None:
+        return np.empty(0, np.int64)
+    return _load_npy(version_dir(art.root, m.version) / m.delta.dead, None, None, np.int64)
+
+
+def delta_positions(art: Artifact) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Positions a delta version overrides: per level 0 .. qe_times, and per graph level."""
+    m = art.manifest
+    if m.delta is None:
+        empty = np.empty(0, np.int64)
+        return [empty] * (m.qe_times + 1), [empty] * m.qe_times
+    base = version_dir(art.root, m.version)
+    levels = [
+        _load_npy(base / lv.pos, None, None, np.int64) for lv in sorted(m.delta.levels, key=lambda e: e.level)
+    ]
+    graphs = [
+        _load_npy(base / g.pos, None, None, np.int64) for g in sorted(m.delta.graphs, key=lambda e: e.level)
+    ]
+    return levels, graphs
+
+
+def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...] | None, dtype: Any) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode=mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise ArtifactError(f"{path.name}: unreadable ({exc})") from exc
-    if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+    if (shape is not None and arr.shape != shape) or (dtype is not None and arr.dtype != dtype):
         raise ArtifactError(f"{path.name}: {arr.dtype} {arr.shape}, expected {shape}")
     return arr
 

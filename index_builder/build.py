@@ -55,6 +55,8 @@ def build(config: BuildConfig) -> artifact.Manifest:
         graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] = []
         for level in expansion:
             save_level(stage, level, config)
+            # kept so that ``add``/``delete`` can update the graph instead of rebuilding it
+            stage.save_graph(level.number, level.knn.ids, level.knn.sims)
             graphs.append((level.knn.spec, level.knn.tried))
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
