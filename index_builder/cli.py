@@ -20,7 +20,8 @@ import numpy as np
 
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
-from index_builder import nightly
+from aqe_retrieval.incremental import Outcome
+from index_builder import incremental, nightly
 from index_builder.build import build
 from index_builder.config import (
     AUTO,
@@ -276,6 +277,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, help="write cmc.png and map_vs_qe_k.png here")
     _add_aqe_options(p)
 
+    p = sub.add_parser("add", help="publish a version with new gallery rows added (exact, in seconds)")
+    p.add_argument("--root", type=Path, required=True, help="index root (its current version)")
+    p.add_argument("--gallery", type=Path, required=True, help="the new rows: any input build reads")
+    p.add_argument("--ids", type=Path, help="their ids, one per line")
+    p.add_argument("--metadata", type=Path, help="their metadata (CSV, the version's columns)")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    _add_parquet_options(p)
+    p = sub.add_parser("delete", help="publish a version without the given gallery ids")
+    p.add_argument("--root", type=Path, required=True, help="index root (its current version)")
+    p.add_argument("--ids", type=Path, required=True, help="ids to delete, one per line")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+
     p = sub.add_parser("list", help="list published versions")
     p.add_argument("root", type=Path)
     p = sub.add_parser("verify", help="recompute a version's checksums (default: current)")
@@ -485,7 +498,35 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add(args: argparse.Namespace) -> int:
+    """``add``: new rows into the current version, published as a new one."""
+    columns = ParquetColumns(args.embedding_column, args.id_column, args.metadata_columns)
+    return _changed(incremental.add(args.root, args.gallery, args.ids, args.metadata, columns, args.keep))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``delete``: rows out of the current version, published as a new one."""
+    return _changed(incremental.delete(args.root, args.ids, args.keep))
+
+
+def _changed(outcome: Outcome) -> int:
+    m = outcome.manifest
+    if not outcome.applied:
+        print(f"already applied: version {m.version} holds this operation; nothing published")
+        return 0
+    summary = {
+        "version": m.version,
+        "n": m.n,
+        "changed_rows": outcome.changed_rows,
+        "seconds": outcome.seconds,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 COMMANDS = {
+    "add": cmd_add,
+    "delete": cmd_delete,
     "expand": cmd_expand,
     "build": cmd_build,
     "nightly": cmd_nightly,
