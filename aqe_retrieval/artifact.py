@@ -86,6 +86,8 @@ IDS = "ids.npy"
 STAGING_PREFIX = ".staging-"
 STATUS = "nightly_status.json"
 LOCK = ".build.lock"
+CHANGES = "changes"
+"""The change log: one immutable record per applied add/delete (:func:`record_change`)."""
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
 
 
@@ -801,3 +803,142 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """One logged ``add``/``delete``: its order number, fingerprint and files (:func:`record_change`)."""
+
+    order: int
+    kind: str  # "add" or "delete"
+    operation: str
+    path: Path
+    count: int
+
+    @property
+    def rows(self) -> Path:
+        """The added raw rows, float32 ``.npy`` (add only)."""
+        return self.path / "rows.npy"
+
+    def added_ids(self) -> list[str]:
+        """The added rows' ids (``[]`` without ids or rows)."""
+        return _read_lines(self.path / "ids.txt")
+
+    def deleted_ids(self) -> list[str]:
+        """The ids this change deleted (applied before its added rows)."""
+        return _read_lines(self.path / "deleted.txt")
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        """The added rows' metadata columns (add only), in the version's column order."""
+        meta = json.loads((self.path / "change.json").read_text(encoding="utf-8"))
+        return {
+            name: np.load(self.path / f"meta_{i}.npy", allow_pickle=False)
+            for i, name in enumerate(meta.get("metadata", []))
+        }
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text else []
+
+
+_CHANGE_DIR = re.compile(r"^[0-9]{8}$")
+
+
+def changes_dir(root: Path) -> Path:
+    """``ROOT/changes/``: the change log ``build`` and ``nightly`` apply on top of ``--gallery``."""
+    return root / CHANGES
+
+
+def list_changes(root: Path) -> list[ChangeRecord]:
+    """The logged changes not cleared yet, in order."""
+    base = changes_dir(root)
+    if not base.is_dir():
+        return []
+    out, cleared = [], _cleared_through(root)
+    for p in sorted(base.iterdir()):
+        if not _CHANGE_DIR.match(p.name) or int(p.name) <= cleared:
+            continue
+        try:
+            meta = json.loads((p / "change.json").read_text(encoding="utf-8"))
+            out.append(ChangeRecord(int(p.name), meta["kind"], meta["operation"], p, int(meta["count"])))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{p}: unreadable change record ({exc})") from exc
+    return out
+
+
+def _cleared_through(root: Path) -> int:
+    try:
+        return int((changes_dir(root) / "cleared_through").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{changes_dir(root)}/cleared_through: unreadable ({exc})") from exc
+
+
+def record_change(
+    root: Path,
+    operation: str,
+    *,
+    rows: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    metadata: dict[str, np.ndarray] | None = None,
+    delete: list[str] | None = None,
+) -> ChangeRecord:
+    """Log one change, immutably: ``delete`` (ids, applied first) and/or added ``rows`` (raw float32).
+
+    Written into a temporary directory, every file fsynced, renamed to ``changes/NNNNNNNN``
+    (the next order number, never reused even after :func:`clear_changes`), the directory
+    fsynced: a record is whole or absent. The caller holds the build lock and publishes the
+    version only after this returns. A retry of the latest record's operation (its publish
+    failed) reuses that record.
+    """
+    base = changes_dir(root)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = list_changes(root)
+    if existing and existing[-1].operation == operation:
+        return existing[-1]
+    order = max([_cleared_through(root), *(r.order for r in existing)]) + 1
+    kind = "add" if rows is not None and len(rows) else "delete"
+    tmp = base / f".tmp-{order:08d}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        record: dict[str, Any] = {"order": order, "kind": kind, "operation": operation}
+        count = 0
+        if rows is not None and len(rows):
+            np.save(tmp / "rows.npy", np.ascontiguousarray(rows, dtype=np.float32), allow_pickle=False)
+            (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in ids or []), encoding="utf-8")
+            for i, values in enumerate((metadata or {}).values()):
+                np.save(tmp / f"meta_{i}.npy", np.asarray(values), allow_pickle=False)
+            record["metadata"] = list(metadata or {})
+            count += len(rows)
+        (tmp / "deleted.txt").write_text("".join(f"{i}\n" for i in delete or []), encoding="utf-8")
+        record["count"] = count + len(delete or [])
+        (tmp / "change.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp)
+        final = base / f"{order:08d}"
+        os.rename(tmp, final)
+        _fsync(base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ChangeRecord(order, kind, operation, final, record["count"])
+
+
+def clear_changes(root: Path, through: int) -> list[int]:
+    """Remove the records up to order ``through`` (the upstream gallery holds them); under the lock."""
+    with build_lock(root):
+        gone = [r for r in list_changes(root) if r.order <= through]
+        if not gone and not changes_dir(root).is_dir():
+            return []
+        changes_dir(root).mkdir(parents=True, exist_ok=True)
+        mark = max(through, _cleared_through(root))
+        _write_atomic(changes_dir(root) / "cleared_through", f"{mark}\n".encode())
+        for r in gone:
+            shutil.rmtree(r.path)
+        _fsync(changes_dir(root))
+        return [r.order for r in gone]

@@ -86,6 +86,15 @@ def apply_change(root: Path, change: Change, keep: int = 3) -> Outcome:
             old_levels, old_final, graphs, keep_mask, added, parent.effective_qe_k, parent.alpha
         )
         old_pos = artifact.delta_positions(art)
+        # the change log (the next full build folds it in) is durable before the version exists
+        artifact.record_change(
+            root,
+            change.operation,
+            rows=added,
+            ids=added_ids,
+            metadata=added_meta,
+            delete=change.delete,
+        )
         manifest = _publish(
             root, parent, art, keep_mask, result, old_pos, added_ids, added_meta, change, keep
         )

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from aqe_retrieval import aqe, artifact
+from index_builder import changes
 from index_builder.config import AUTO, BuildConfig
 from index_builder.expansion import Expansion, ExpansionReport, Level
 from index_builder.gate import QualityInputs, quality_gate, quality_inputs
@@ -37,8 +38,13 @@ def build(config: BuildConfig) -> artifact.Manifest:
     source = open_embeddings(config.gallery, config.columns)
     ids = gallery_ids(source, config.ids)
     metadata = gallery_metadata(source, config.metadata)
+    folded = changes.fold(config.root, source, ids, metadata) if config.changes else None
+    if folded is not None:  # the adds/deletes logged since --gallery was exported
+        source, ids, metadata = folded.source, folded.ids, folded.metadata
     checks = quality_inputs(config.quality, source, metadata) if config.quality else None
     input_info = input_record(config, source)
+    logged = folded.records if folded else []
+    input_info["changes_through"] = logged[-1].order if logged else None
     timings["inputs"] = time.perf_counter() - t0
     logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype, len(source.paths))
 
@@ -104,6 +110,7 @@ def build(config: BuildConfig) -> artifact.Manifest:
             input=input_info,
             timings_s={k: round(v, 3) for k, v in timings.items()},
             quality=quality,
+            history=[r.operation for r in logged],  # a retried add/delete folded in is a no-op
         )
     logger.info("publish took %.1fs", time.perf_counter() - t3)
     return manifest

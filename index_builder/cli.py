@@ -168,6 +168,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         "tuned for the top qe_k - 1) or 'exact' (scan every row per query)",
     )
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    p.add_argument(
+        "--no-changes",
+        action="store_true",
+        help="ignore the root's change log (logged add/delete) for this run; see 'changes'",
+    )
     _add_aqe_options(p)
     _add_quality_options(p)
 
@@ -289,6 +294,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", type=Path, required=True, help="ids to delete, one per line")
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
 
+    p = sub.add_parser(
+        "changes",
+        help="the change log of add/delete that build and nightly fold into --gallery",
+        description="'list' shows the logged changes; 'clear --through N' drops records up to "
+        "N once the upstream gallery holds them (the next build would refuse a re-added id).",
+    )
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("root", type=Path)
+    p.add_argument("--through", type=int, help="clear: the last order number to drop")
     p = sub.add_parser("list", help="list published versions")
     p.add_argument("root", type=Path)
     p = sub.add_parser("verify", help="recompute a version's checksums (default: current)")
@@ -401,6 +415,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         show_progress=False if args.no_progress else None,
         quality=_quality_spec(args),
         expansion_index=args.expansion_index,
+        changes=not args.no_changes,
     )
 
 
@@ -509,6 +524,27 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return _changed(incremental.delete(args.root, args.ids, args.keep))
 
 
+def cmd_changes(args: argparse.Namespace) -> int:
+    """``changes list|clear``: the logged add/delete records, or drop them up to ``--through``."""
+    if args.action == "clear":
+        if args.through is None:
+            raise InputError("changes clear needs --through N (see 'changes list')")
+        gone = artifact.clear_changes(args.root, args.through)
+        print(f"cleared {len(gone)} change record(s) through {args.through}")
+        return 0
+    current = artifact.current_version(args.root)
+    history = set(artifact.read_manifest(args.root, current).history) if current else set()
+    records = artifact.list_changes(args.root)
+    if not records:
+        print(f"no logged changes under {args.root}")
+        return 0
+    print(f"{'order':>8}  {'kind':<7}{'items':>8}  in current  operation")
+    for r in records:
+        mark = "yes" if r.operation in history else "no"
+        print(f"{r.order:>8}  {r.kind:<7}{r.count:>8}  {mark:<10}  {r.operation}")
+    return 0
+
+
 def _changed(outcome: Outcome) -> int:
     m = outcome.manifest
     if not outcome.applied:
@@ -526,6 +562,7 @@ def _changed(outcome: Outcome) -> int:
 
 COMMANDS = {
     "add": cmd_add,
+    "changes": cmd_changes,
     "delete": cmd_delete,
     "expand": cmd_expand,
     "build": cmd_build,

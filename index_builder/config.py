@@ -105,6 +105,7 @@ class BuildConfig:
     show_progress: bool | None = None
     quality: QualitySpec | None = None
     expansion_index: str = AUTO
+    changes: bool = True  # fold the root's change log (``index_builder.changes``) into the gallery
 
     def __post_init__(self) -> None:
         if self.expansion_index not in EXPANSION_INDEXES:
