@@ -33,7 +33,7 @@ import faiss
 import numpy as np
 
 from aqe_retrieval import aqe, artifact, delta
-from aqe_retrieval.errors import ArtifactError, InputError
+from aqe_retrieval.errors import ArtifactError, InputError, UnknownIdError
 from aqe_retrieval.faiss_search import exact_knn
 from aqe_retrieval.manifest import DELTA_FORMAT_VERSION, Manifest
 
@@ -127,7 +127,7 @@ def _resolve(
         hit = np.isin(ids, wanted)
         unknown = sorted(set(change.delete) - set(ids[hit].tolist()))
         if unknown:
-            raise InputError(f"{len(unknown)} unknown id(s), e.g. {unknown[:5]}: nothing deleted")
+            raise UnknownIdError(f"{len(unknown)} unknown id(s), e.g. {unknown[:5]}: nothing deleted")
         keep_mask = ~hit
     rows = np.empty((0, m.d), np.float32) if change.rows is None else np.asarray(change.rows, np.float32)
     if rows.ndim != 2 or rows.shape[1] != m.d:
@@ -150,7 +150,7 @@ def _resolve(
     if len(rows) and sorted(change.metadata) != sorted(names):
         raise InputError(f"added metadata columns {sorted(change.metadata)}, the version has {sorted(names)}")
     meta = (
-        {c: np.asarray(change.metadata[c]) for c in names}
+        {c: _column(c, change.metadata[c], np.asarray(art.metadata[c]).dtype, len(rows)) for c in names}
         if len(rows)
         else {c: art.metadata[c][:0] for c in names}
     )
@@ -158,6 +158,17 @@ def _resolve(
     if m.effective_qe_k != m.qe_k or n_new <= m.qe_k:
         raise InputError(f"{n_new} rows for qe_k {m.qe_k}: a gallery this small needs a full build")
     return keep_mask, rows, added_ids, meta
+
+
+def _column(name: str, values: object, dtype: np.dtype, m: int) -> np.ndarray:
+    """An added metadata column in the version's column type (JSON gives lists of any type)."""
+    try:
+        col = np.asarray(values, dtype=str) if dtype.kind == "U" else np.asarray(values).astype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"metadata column {name!r}: not {dtype.kind} values ({exc})") from None
+    if col.shape != (m,):
+        raise InputError(f"metadata column {name!r} has shape {col.shape}, expected ({m},)")
+    return col
 
 
 @dataclass
