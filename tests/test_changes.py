@@ -101,3 +101,50 @@ def test_no_changes_ignores_the_log_and_a_failed_publish_keeps_one_record(tmp_pa
 
 def _boom(*args: object, **kwargs: object) -> None:
     raise RuntimeError("publish failed")
+
+
+def test_nightly_folds_the_log_too(tmp_path):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((30, D)).astype(np.float32)
+    root = tmp_path / "inc"
+    build(root, x, [f"r{i}" for i in range(30)])
+    new = rng.standard_normal((2, D)).astype(np.float32)
+    incremental.apply_change(root, incremental.Change("op1", rows=new, ids=["n0", "n1"]))
+    incremental.apply_change(root, incremental.Change("op2", delete=["n1", "r2"]))
+    gallery, ids = tmp_path / "inc.npy", tmp_path / "inc.ids"
+    args = ["nightly", "--gallery", str(gallery), "--ids", str(ids), "--root", str(root)]
+    assert main([*args, "--qe-k", "4", *EXACT]) == 0
+    got = artifact.load(root)
+    assert got.manifest.delta is None and got.manifest.input["changes_through"] == 2
+    assert sorted(got.ids.tolist()) == sorted([f"r{i}" for i in range(30) if i != 2] + ["n0"])
+    np.testing.assert_array_equal(np.asarray(got.levels[0].rows).shape, (30, D))
+
+
+def test_logged_metadata_is_folded_with_its_rows(tmp_path):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((20, D)).astype(np.float32)
+    np.save(tmp_path / "g.npy", x)
+    (tmp_path / "g.ids").write_text("".join(f"r{i}\n" for i in range(20)))
+    (tmp_path / "g.csv").write_text("camid,name\n" + "".join(f"{i % 3},p{i}\n" for i in range(20)))
+    gallery = ["--gallery", str(tmp_path / "g.npy"), "--ids", str(tmp_path / "g.ids")]
+    common = [*gallery, "--metadata", str(tmp_path / "g.csv"), "--root", str(tmp_path / "root")]
+    assert main(["build", *common, "--qe-k", "4", *EXACT]) == 0
+    np.save(tmp_path / "new.npy", rng.standard_normal((2, D)).astype(np.float32))
+    (tmp_path / "new.ids").write_text("n0\nn1\n")
+    (tmp_path / "new.csv").write_text("camid,name\n7,q0\n8,q1\n")
+    add = ["add", "--root", str(tmp_path / "root"), "--gallery", str(tmp_path / "new.npy")]
+    assert main([*add, "--ids", str(tmp_path / "new.ids"), "--metadata", str(tmp_path / "new.csv")]) == 0
+    (tmp_path / "gone.txt").write_text("r4\n")
+    assert main(["delete", "--root", str(tmp_path / "root"), "--ids", str(tmp_path / "gone.txt")]) == 0
+    inc = artifact.load(tmp_path / "root")
+    assert main(["build", *common, "--qe-k", "4", *EXACT]) == 0
+    full = artifact.load(tmp_path / "root")
+    for art in (inc, full):
+        by_id = dict(
+            zip(
+                art.ids.tolist(),
+                zip(*(art.metadata[c].tolist() for c in ("camid", "name")), strict=True),
+                strict=True,
+            )
+        )
+        assert by_id["n1"] == (8, "q1") and by_id["r5"] == (2, "p5") and "r4" not in by_id
