@@ -96,6 +96,8 @@ def _apply(request: Request, change: incremental.Change) -> JSONResponse:
         outcome = incremental.apply_change(settings.index_root, change, settings.write_keep)
     except AqeError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+    except OSError as exc:  # a read-only or full index root: nothing was published
+        return JSONResponse({"detail": f"cannot write the index root: {exc}"}, status_code=503)
     fanout = request.app.state.reload_requests
     if outcome.applied and fanout is not None:
         fanout.request()
