@@ -63,6 +63,7 @@ from pydantic import ValidationError
 from aqe_retrieval import delta
 from aqe_retrieval.errors import ArtifactError, LockedError
 from aqe_retrieval.manifest import (
+    DELTA_FORMAT_VERSION,
     READABLE_FORMATS,
     SERVING_INDEX,
     DeltaEntry,
@@ -472,6 +473,12 @@ def read_manifest(root: Path, version: str) -> Manifest:
         raise ArtifactError(f"version {version}: invalid manifest: {exc}") from exc
     if manifest.version != version:
         raise ArtifactError(f"version {version}: its manifest says it is {manifest.version}")
+    if (manifest.format_version == DELTA_FORMAT_VERSION) != (manifest.delta is not None):
+        # format 2 is exactly a delta version: one without its delta (or a format 1 with one) is damaged
+        raise ArtifactError(
+            f"version {version}: format version {manifest.format_version} "
+            f"{'without' if manifest.delta is None else 'with'} a delta"
+        )
     return manifest
 
 
