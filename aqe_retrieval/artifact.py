@@ -14,6 +14,9 @@
         serving.ivfdata             its inverted lists, when built out of core
         ids.npy                     external ids (str), when given
         meta_<i>.npy                metadata column i (name and type in the manifest)
+        graph_<t>_ids.npy           level t's top-qe_k graph: neighbour rows (n, k) int64
+        graph_<t>_sims.npy          ... and their cosines (n, k) float32
+        delta_*.npy                 a version made by add/delete: see below
       .staging-<version>-<pid>/     a version being written (never read by a loader)
         .scratch/                   the build's temporary memory-mapped arrays (removed before publishing)
       nightly_status.json           the scheduled job's last run (aqe_retrieval.status)
@@ -25,6 +28,16 @@ new one, never half of one. Every writer holds :func:`build_lock` (an exclusive 
 it writes, so leftovers of a killed writer are removed by the next one that holds the lock,
 whatever host or container it ran on. Nothing is pickled: arrays are ``.npy`` loaded with
 ``allow_pickle=False``, indexes FAISS's own format.
+
+A version made by ``add``/``delete`` (format 2, ``manifest.delta``) holds the files of the full
+build it descends from (its *base*) as hard links (no copy; a file's bytes live as long as one
+version links it, so pruning the base never breaks it) plus a small delta, cumulative since the
+base: ``delta_dead.npy`` (base rows deleted), ``delta_ids.npy``/``delta_meta_<i>.npy`` (the
+appended rows' ids and metadata), and per level ``delta_level_<t>_{pos,rows,norms}.npy`` and
+``delta_graph_<t>_{pos,ids,sims}.npy`` (the rows whose values or neighbours changed, by their
+position in the version; ``t = qe_times`` is the served level). :func:`load` presents it as a
+full build would: the base rows not deleted, in order, then the appended rows (compacted, so row
+numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`.
 """
 
 from __future__ import annotations
@@ -50,12 +63,18 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
+from aqe_retrieval import delta
 from aqe_retrieval.errors import ArtifactError, LockedError
 from aqe_retrieval.manifest import (
-    FORMAT_VERSION,
+    DELTA_FORMAT_VERSION,
     LEVEL_DTYPES,
+    READABLE_FORMATS,
     SERVING_INDEX,
+    DeltaEntry,
+    DeltaGraph,
+    DeltaLevel,
     FileEntry,
+    GraphEntry,
     LevelEntry,
     Manifest,
     MetadataColumn,
@@ -75,6 +94,8 @@ SERVING_IVFDATA = "serving.ivfdata"
 WRITE_BLOCK = 65536
 STATUS = "nightly_status.json"
 LOCK = ".build.lock"
+CHANGES = "changes"
+"""The change log: one immutable record per applied add/delete (:func:`record_change`)."""
 VERSION_RE = re.compile(r"^\d{8}T\d{6}\d{6}Z-[0-9a-f]{6}$")
 
 
@@ -184,6 +205,8 @@ class Staging:
         self.metadata: list[MetadataColumn] = []
         self.ids_file: str | None = None
         self.serving = ServingIndexEntry()
+        self.graphs: list[GraphEntry] = []
+        self.known: dict[str, FileEntry] = {}  # hard-linked files: checksums taken from the parent
 
     def scratch_dir(self) -> Path:
         """A directory for the build's temporary files; removed before :meth:`publish`."""
@@ -274,6 +297,71 @@ class Staging:
             np.save(self.path / col.file, values, allow_pickle=False)
             self.metadata.append(col)
 
+    def save_graph(self, level: int, ids: np.ndarray, sims: np.ndarray) -> None:
+        """Store level ``level``'s top-k graph: ids (n, k) int64, sims (n, k) float32."""
+        entry = GraphEntry(level=level, ids=f"graph_{level}_ids.npy", sims=f"graph_{level}_sims.npy")
+        np.save(self.path / entry.ids, np.ascontiguousarray(ids, dtype=np.int64))
+        np.save(self.path / entry.sims, np.ascontiguousarray(sims, dtype=np.float32))
+        self.graphs.append(entry)
+
+    def link_base(self, root: Path, parent: Manifest) -> None:
+        """Hard-link every base file of ``parent`` (not its delta) into this version: no copy."""
+        src = version_dir(root, parent.version)
+        own = set(parent.delta.file_names()) if parent.delta else set()
+        for name, entry in parent.files.items():
+            if name not in own:
+                os.link(src / name, self.path / name)
+                self.known[name] = entry
+        self.levels = [e.model_copy() for e in parent.levels]
+        self.serving = parent.serving_index.model_copy()
+        self.ids_file, self.metadata = parent.ids_file, [c.model_copy() for c in parent.metadata]
+        self.graphs = [g.model_copy() for g in parent.graphs]
+
+    def save_delta(
+        self,
+        base_version: str,
+        base_n: int,
+        dead: np.ndarray,
+        appended_ids: list[str] | None,
+        appended_metadata: dict[str, np.ndarray],
+        levels: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]],
+        graphs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        appended: int,
+    ) -> DeltaEntry:
+        """Store a delta over the linked base: see the module docstring for what each file holds.
+
+        ``levels[t]`` = (positions, normalised rows, norms or None); ``graphs[t]`` = (positions,
+        ids, sims); ``appended_metadata`` in the order of the base's metadata columns.
+        """
+        entry = DeltaEntry(base_version=base_version, base_n=base_n, dead="delta_dead.npy", appended=appended)
+        np.save(self.path / entry.dead, np.asarray(dead, dtype=np.int64))
+        if appended_ids is not None:
+            entry.ids = "delta_ids.npy"
+            np.save(self.path / entry.ids, np.array(appended_ids, dtype=np.str_))
+        for i, values in enumerate(appended_metadata.values()):
+            entry.metadata.append(f"delta_meta_{i}.npy")
+            np.save(self.path / entry.metadata[-1], values, allow_pickle=False)
+        for t, (pos, rows, norms) in enumerate(levels):
+            lv = DeltaLevel(level=t, pos=f"delta_level_{t}_pos.npy", rows=f"delta_level_{t}_rows.npy")
+            np.save(self.path / lv.pos, np.asarray(pos, dtype=np.int64))
+            np.save(self.path / lv.rows, np.ascontiguousarray(rows, dtype=np.float32))
+            if norms is not None:
+                lv.norms = f"delta_level_{t}_norms.npy"
+                np.save(self.path / lv.norms, np.asarray(norms, dtype=np.float32))
+            entry.levels.append(lv)
+        for t, (pos, ids, sims) in enumerate(graphs):
+            g = DeltaGraph(
+                level=t,
+                pos=f"delta_graph_{t}_pos.npy",
+                ids=f"delta_graph_{t}_ids.npy",
+                sims=f"delta_graph_{t}_sims.npy",
+            )
+            np.save(self.path / g.pos, np.asarray(pos, dtype=np.int64))
+            np.save(self.path / g.ids, np.asarray(ids, dtype=np.int64))
+            np.save(self.path / g.sims, np.asarray(sims, dtype=np.float32))
+            entry.graphs.append(g)
+        return entry
+
     def load_levels(self, n: int, d: int) -> list[Level]:
         """The levels saved so far, memory-mapped back (for checks before publishing)."""
         return [
@@ -291,6 +379,9 @@ class Staging:
         shutil.rmtree(self.path / SCRATCH, ignore_errors=True)
         files = {}
         for p in sorted(self.path.iterdir()):
+            if p.name in self.known:  # a hard link of a published, fsynced, checksummed file
+                files[p.name] = self.known[p.name]
+                continue
             files[p.name] = FileEntry(sha256=_sha256(p), bytes=p.stat().st_size)
             _fsync(p)
         manifest = Manifest(
@@ -300,6 +391,7 @@ class Staging:
             serving_index=self.serving,
             ids_file=self.ids_file,
             metadata=self.metadata,
+            graphs=self.graphs,
             files=files,
             software=software_versions(),
             **fields,
@@ -420,15 +512,23 @@ def read_manifest(root: Path, version: str) -> Manifest:
         raise ArtifactError(f"version {version}: no manifest") from exc
     except (OSError, ValueError) as exc:
         raise ArtifactError(f"version {version}: manifest does not parse ({exc})") from exc
-    if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
+    if not isinstance(raw, dict) or raw.get("format_version") not in READABLE_FORMATS:
         found = raw.get("format_version") if isinstance(raw, dict) else None
-        raise ArtifactError(f"version {version}: format version {found!r}, this build reads {FORMAT_VERSION}")
+        raise ArtifactError(
+            f"version {version}: format version {found!r}, this build reads {list(READABLE_FORMATS)}"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         raise ArtifactError(f"version {version}: invalid manifest: {exc}") from exc
     if manifest.version != version:
         raise ArtifactError(f"version {version}: its manifest says it is {manifest.version}")
+    if (manifest.format_version == DELTA_FORMAT_VERSION) != (manifest.delta is not None):
+        # format 2 is exactly a delta version: one without its delta (or a format 1 with one) is damaged
+        raise ArtifactError(
+            f"version {version}: format version {manifest.format_version} "
+            f"{'without' if manifest.delta is None else 'with'} a delta"
+        )
     return manifest
 
 
@@ -580,6 +680,8 @@ def load(root: Path, version: str | None = None, *, check: bool = True, mmap: bo
         if problems:
             raise ArtifactError(f"version {version} is damaged: {'; '.join(problems)}")
     mode: Literal["r"] | None = "r" if mmap else None
+    if manifest.delta is not None:
+        return _load_delta(root, manifest, base, mode)
     n, d = manifest.n, manifest.d
     levels = []
     for entry in manifest.levels:
@@ -616,12 +718,116 @@ def _save_npy(path: Path, arr: np.ndarray, dtype: np.dtype) -> None:
     del out
 
 
-def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+def _load_delta(root: Path, manifest: Manifest, base: Path, mode: Literal["r"] | None) -> Artifact:
+    """A format-2 version as a full build would present it (compacted; see the module docstring)."""
+    dl = manifest.delta
+    assert dl is not None
+    n, d, nb = manifest.n, manifest.d, dl.base_n
+    dead = _load_npy(base / dl.dead, None, None, np.int64)
+    view = delta.View(nb, dead, dl.appended)
+    if view.n != n:
+        raise ArtifactError(f"version {manifest.version}: delta makes {view.n} rows, manifest says {n}")
+    over = {lv.level: lv for lv in dl.levels}
+    if sorted(over) != list(range(manifest.qe_times + 1)):
+        raise ArtifactError(f"version {manifest.version}: delta levels {sorted(over)}")
+
+    def overrides(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        lv = over[t]
+        pos = _load_npy(base / lv.pos, None, None, np.int64)
+        rows = _load_npy(base / lv.rows, None, (len(pos), d), np.float32)
+        norms = _load_npy(base / lv.norms, None, (len(pos),), np.float32) if lv.norms else None
+        return pos, rows, norms
+
+    levels = []
+    for entry in manifest.levels:
+        if entry.index:
+            raise ArtifactError(
+                f"version {manifest.version}: a delta over an expansion index is not supported"
+            )
+        pos, rows, norms = overrides(entry.level)
+        if norms is None:
+            raise ArtifactError(f"version {manifest.version}: delta level {entry.level} has no norms")
+        base_rows = _load_npy(base / entry.rows, mode, (nb, d), np.float32)
+        base_norms = _load_npy(base / entry.norms, mode, (nb,), np.float32)
+        levels.append(
+            Level(view.apply(base_rows, pos, rows), view.apply(base_norms, pos, norms), None, entry)
+        )
+    served = _read_index(base / manifest.serving_index.file, nb, d, False)
+    if not isinstance(served, faiss.IndexFlat):
+        raise ArtifactError(
+            f"version {manifest.version}: a delta over a {type(served).__name__} is not supported"
+        )
+    pos, rows, _ = overrides(manifest.qe_times)
+    final = view.apply(served.reconstruct_n(0, nb), pos, rows)
+    serving = faiss.IndexFlatIP(d)
+    serving.add(final)
+    ids = None
+    if manifest.ids_file:
+        if dl.ids is None:
+            raise ArtifactError(f"version {manifest.version}: the delta has no ids for its appended rows")
+        extra = _load_npy(base / dl.ids, None, (dl.appended,), None)
+        ids = view.append(_load_npy(base / manifest.ids_file, mode, (nb,), None), extra)
+    metadata = {
+        c.name: view.append(
+            _load_npy(base / c.file, mode, (nb,), None), _load_npy(base / f, None, (dl.appended,), None)
+        )
+        for c, f in zip(manifest.metadata, dl.metadata, strict=True)
+    }
+    return Artifact(root, manifest, levels, serving, ids, metadata)
+
+
+def load_graphs(art: Artifact) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """The stored top-k graph of every level, in the version's own row numbering; None if absent."""
+    m = art.manifest
+    if len(m.graphs) != m.qe_times:
+        return None
+    base = version_dir(art.root, m.version)
+    k = m.effective_qe_k
+    nb = m.delta.base_n if m.delta else m.n
+    out = []
+    for g in m.graphs:
+        ids = _load_npy(base / g.ids, "r", (nb, k), np.int64)
+        sims = _load_npy(base / g.sims, "r", (nb, k), np.float32)
+        if m.delta is not None:
+            dg = next(x for x in m.delta.graphs if x.level == g.level)
+            view = delta.View(nb, _load_npy(base / m.delta.dead, None, None, np.int64), m.delta.appended)
+            pos = _load_npy(base / dg.pos, None, None, np.int64)
+            ids = view.apply(view.renumber(ids), pos, _load_npy(base / dg.ids, None, (len(pos), k), np.int64))
+            sims = view.apply(sims, pos, _load_npy(base / dg.sims, None, (len(pos), k), np.float32))
+        out.append((ids, sims))
+    return out
+
+
+def delta_dead(art: Artifact) -> np.ndarray:
+    """The base rows a delta version deleted (sorted int64); empty for a full build."""
+    m = art.manifest
+    if m.delta is None:
+        return np.empty(0, np.int64)
+    return _load_npy(version_dir(art.root, m.version) / m.delta.dead, None, None, np.int64)
+
+
+def delta_positions(art: Artifact) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Positions a delta version overrides: per level 0 .. qe_times, and per graph level."""
+    m = art.manifest
+    if m.delta is None:
+        empty = np.empty(0, np.int64)
+        return [empty] * (m.qe_times + 1), [empty] * m.qe_times
+    base = version_dir(art.root, m.version)
+    levels = [
+        _load_npy(base / lv.pos, None, None, np.int64) for lv in sorted(m.delta.levels, key=lambda e: e.level)
+    ]
+    graphs = [
+        _load_npy(base / g.pos, None, None, np.int64) for g in sorted(m.delta.graphs, key=lambda e: e.level)
+    ]
+    return levels, graphs
+
+
+def _load_npy(path: Path, mode: Literal["r"] | None, shape: tuple[int, ...] | None, dtype: Any) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode=mode, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
         raise ArtifactError(f"{path.name}: unreadable ({exc})") from exc
-    if arr.shape != shape or (dtype is not None and arr.dtype != dtype):
+    if (shape is not None and arr.shape != shape) or (dtype is not None and arr.dtype != dtype):
         raise ArtifactError(f"{path.name}: {arr.dtype} {arr.shape}, expected {shape}")
     return arr
 
@@ -680,3 +886,142 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@dataclass(frozen=True)
+class ChangeRecord:
+    """One logged ``add``/``delete``: its order number, fingerprint and files (:func:`record_change`)."""
+
+    order: int
+    kind: str  # "add" or "delete"
+    operation: str
+    path: Path
+    count: int
+
+    @property
+    def rows(self) -> Path:
+        """The added raw rows, float32 ``.npy`` (add only)."""
+        return self.path / "rows.npy"
+
+    def added_ids(self) -> list[str]:
+        """The added rows' ids (``[]`` without ids or rows)."""
+        return _read_lines(self.path / "ids.txt")
+
+    def deleted_ids(self) -> list[str]:
+        """The ids this change deleted (applied before its added rows)."""
+        return _read_lines(self.path / "deleted.txt")
+
+    def metadata(self) -> dict[str, np.ndarray]:
+        """The added rows' metadata columns (add only), in the version's column order."""
+        meta = json.loads((self.path / "change.json").read_text(encoding="utf-8"))
+        return {
+            name: np.load(self.path / f"meta_{i}.npy", allow_pickle=False)
+            for i, name in enumerate(meta.get("metadata", []))
+        }
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text else []
+
+
+_CHANGE_DIR = re.compile(r"^[0-9]{8}$")
+
+
+def changes_dir(root: Path) -> Path:
+    """``ROOT/changes/``: the change log ``build`` and ``nightly`` apply on top of ``--gallery``."""
+    return root / CHANGES
+
+
+def list_changes(root: Path) -> list[ChangeRecord]:
+    """The logged changes not cleared yet, in order."""
+    base = changes_dir(root)
+    if not base.is_dir():
+        return []
+    out, cleared = [], _cleared_through(root)
+    for p in sorted(base.iterdir()):
+        if not _CHANGE_DIR.match(p.name) or int(p.name) <= cleared:
+            continue
+        try:
+            meta = json.loads((p / "change.json").read_text(encoding="utf-8"))
+            out.append(ChangeRecord(int(p.name), meta["kind"], meta["operation"], p, int(meta["count"])))
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{p}: unreadable change record ({exc})") from exc
+    return out
+
+
+def _cleared_through(root: Path) -> int:
+    try:
+        return int((changes_dir(root) / "cleared_through").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{changes_dir(root)}/cleared_through: unreadable ({exc})") from exc
+
+
+def record_change(
+    root: Path,
+    operation: str,
+    *,
+    rows: np.ndarray | None = None,
+    ids: list[str] | None = None,
+    metadata: dict[str, np.ndarray] | None = None,
+    delete: list[str] | None = None,
+) -> ChangeRecord:
+    """Log one change, immutably: ``delete`` (ids, applied first) and/or added ``rows`` (raw float32).
+
+    Written into a temporary directory, every file fsynced, renamed to ``changes/NNNNNNNN``
+    (the next order number, never reused even after :func:`clear_changes`), the directory
+    fsynced: a record is whole or absent. The caller holds the build lock and publishes the
+    version only after this returns. A retry of the latest record's operation (its publish
+    failed) reuses that record.
+    """
+    base = changes_dir(root)
+    base.mkdir(parents=True, exist_ok=True)
+    existing = list_changes(root)
+    if existing and existing[-1].operation == operation:
+        return existing[-1]
+    order = max([_cleared_through(root), *(r.order for r in existing)]) + 1
+    kind = "add" if rows is not None and len(rows) else "delete"
+    tmp = base / f".tmp-{order:08d}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        record: dict[str, Any] = {"order": order, "kind": kind, "operation": operation}
+        count = 0
+        if rows is not None and len(rows):
+            np.save(tmp / "rows.npy", np.ascontiguousarray(rows, dtype=np.float32), allow_pickle=False)
+            (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in ids or []), encoding="utf-8")
+            for i, values in enumerate((metadata or {}).values()):
+                np.save(tmp / f"meta_{i}.npy", np.asarray(values), allow_pickle=False)
+            record["metadata"] = list(metadata or {})
+            count += len(rows)
+        (tmp / "deleted.txt").write_text("".join(f"{i}\n" for i in delete or []), encoding="utf-8")
+        record["count"] = count + len(delete or [])
+        (tmp / "change.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+        for p in tmp.iterdir():
+            _fsync(p)
+        _fsync(tmp)
+        final = base / f"{order:08d}"
+        os.rename(tmp, final)
+        _fsync(base)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ChangeRecord(order, kind, operation, final, record["count"])
+
+
+def clear_changes(root: Path, through: int) -> list[int]:
+    """Remove the records up to order ``through`` (the upstream gallery holds them); under the lock."""
+    with build_lock(root):
+        gone = [r for r in list_changes(root) if r.order <= through]
+        if not gone and not changes_dir(root).is_dir():
+            return []
+        changes_dir(root).mkdir(parents=True, exist_ok=True)
+        mark = max(through, _cleared_through(root))
+        _write_atomic(changes_dir(root) / "cleared_through", f"{mark}\n".encode())
+        for r in gone:
+            shutil.rmtree(r.path)
+        _fsync(changes_dir(root))
+        return [r.order for r in gone]

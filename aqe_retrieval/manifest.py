@@ -13,6 +13,9 @@ from typing import Any
 from pydantic import BaseModel, Field, model_validator
 
 FORMAT_VERSION = 1
+DELTA_FORMAT_VERSION = 2
+"""A version published by ``add``/``delete``: base files plus a delta (older readers refuse it)."""
+READABLE_FORMATS = (FORMAT_VERSION, DELTA_FORMAT_VERSION)
 SERVING_INDEX = "serving.faiss"
 LEVEL_DTYPES = ("float32", "float16")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -90,6 +93,58 @@ class ServingIndexEntry(BaseModel):
     selection_timings_s: dict[str, float] = Field(default_factory=dict)  # by phase of the selection
 
 
+class GraphEntry(BaseModel):
+    """One level's top-``qe_k`` graph: neighbour ids (n, k) int64 and similarities float32."""
+
+    level: int
+    ids: str
+    sims: str
+
+
+class DeltaLevel(BaseModel):
+    """Rows of one level that differ from the base: view positions, normalised rows, norms."""
+
+    level: int  # 0 .. qe_times; qe_times is the served (fully expanded) level
+    pos: str
+    rows: str
+    norms: str | None = None
+
+
+class DeltaGraph(BaseModel):
+    """Graph rows of one level that differ from the base (ids in the version's own numbering)."""
+
+    level: int
+    pos: str
+    ids: str
+    sims: str
+
+
+class DeltaEntry(BaseModel):
+    """How a version made by ``add``/``delete`` differs from the full build its files came from.
+
+    The version's rows are the base's rows not in ``dead``, in base order, then the appended
+    rows; ``levels``/``graphs`` override the rows that changed (cumulative since the base).
+    """
+
+    base_version: str
+    base_n: int
+    dead: str
+    appended: int
+    ids: str | None = None
+    metadata: list[str] = Field(default_factory=list)  # appended rows' columns, as ``metadata``
+    levels: list[DeltaLevel] = Field(default_factory=list)
+    graphs: list[DeltaGraph] = Field(default_factory=list)
+
+    def file_names(self) -> list[str]:
+        """Every file the delta names."""
+        names = [self.dead, *self.metadata, *([self.ids] if self.ids else [])]
+        for lv in self.levels:
+            names += [lv.pos, lv.rows, *([lv.norms] if lv.norms else [])]
+        for g in self.graphs:
+            names += [g.pos, g.ids, g.sims]
+        return names
+
+
 class Manifest(BaseModel):
     """Everything a loader or a person needs to know about one published version."""
 
@@ -116,6 +171,11 @@ class Manifest(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
     software: dict[str, str] = Field(default_factory=dict)
     quality: dict[str, Any] | None = None
+    # optional since they were added: the stored graphs, the delta of an add/delete, and the
+    # fingerprints of the add/delete operations applied since the last full build
+    graphs: list[GraphEntry] = Field(default_factory=list)
+    delta: DeltaEntry | None = None
+    history: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _names_stay_inside(self) -> Manifest:
@@ -124,6 +184,8 @@ class Manifest(BaseModel):
         named += [self.serving_index.ivfdata] if self.serving_index.ivfdata else []
         named += [n for lv in self.levels for n in (lv.rows, lv.norms, lv.index, lv.ivfdata) if n]
         named += [self.ids_file] if self.ids_file else []
+        named += [n for g in self.graphs for n in (g.ids, g.sims)]
+        named += self.delta.file_names() if self.delta else []
         for name in [*named, *self.files]:
             if not FILE_NAME_RE.match(name):
                 raise ValueError(f"file name {name!r} is not a plain name inside the version")

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 
 from aqe_retrieval import aqe, artifact
-from index_builder import budget
+from index_builder import budget, changes
 from index_builder.config import AUTO, BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams, Expansion, ExpansionReport, Level
 from index_builder.gate import QualityInputs, quality_gate, quality_inputs
@@ -47,8 +47,13 @@ def build(config: BuildConfig) -> artifact.Manifest:
     source = open_embeddings(config.gallery, config.columns)
     ids = gallery_ids(source, config.ids)
     metadata = gallery_metadata(source, config.metadata)
+    folded = changes.fold(config.root, source, ids, metadata) if config.changes else None
+    if folded is not None:  # the adds/deletes logged since --gallery was exported
+        source, ids, metadata = folded.source, folded.ids, folded.metadata
     checks = quality_inputs(config.quality, source, metadata) if config.quality else None
     input_info = input_record(config, source)
+    logged = folded.records if folded else []
+    input_info["changes_through"] = logged[-1].order if logged else None
     timings["inputs"] = time.perf_counter() - t0
     logger.info("gallery: %d x %d %s from %d file(s)", source.n, source.d, source.dtype, len(source.paths))
     plan = budget.plan_build(
@@ -91,6 +96,8 @@ def build(config: BuildConfig) -> artifact.Manifest:
         shared = Shared()  # what the expansion and serving index selections share
         for level in expansion:
             save_level(stage, level, config, shared, plan)
+            # kept so that ``add``/``delete`` can update the graph instead of rebuilding it
+            stage.save_graph(level.number, level.knn.ids, level.knn.sims)
             graphs.append((level.knn.spec, level.knn.tried))
         del level  # staged: the last level's rows and graph must not outlive the expansion
         report = expansion.report
@@ -146,6 +153,7 @@ def build(config: BuildConfig) -> artifact.Manifest:
             input=input_info,
             timings_s={k: round(v, 3) for k, v in timings.items()},
             quality=quality,
+            history=[r.operation for r in logged],  # a retried add/delete folded in is a no-op
         )
     logger.info("publish took %.1fs", time.perf_counter() - t3)
     return manifest

@@ -21,8 +21,9 @@ import numpy as np
 
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import EXIT_BAD_INPUT, AqeError, ArtifactError, InputError, exit_code
+from aqe_retrieval.incremental import Outcome
 from aqe_retrieval.manifest import LEVEL_DTYPES
-from index_builder import nightly
+from index_builder import incremental, nightly
 from index_builder.budget import bound_malloc, detect_budget, parse_size, plan_build
 from index_builder.build import build, workload
 from index_builder.cluster import ClusterSpec
@@ -206,6 +207,11 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         "cache; the build itself computes in float32)",
     )
     p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    p.add_argument(
+        "--no-changes",
+        action="store_true",
+        help="ignore the root's change log (logged add/delete) for this run; see 'changes'",
+    )
     _add_aqe_options(p)
     _add_quality_options(p)
 
@@ -315,6 +321,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, help="write cmc.png and map_vs_qe_k.png here")
     _add_aqe_options(p)
 
+    p = sub.add_parser("add", help="publish a version with new gallery rows added (exact, in seconds)")
+    p.add_argument("--root", type=Path, required=True, help="index root (its current version)")
+    p.add_argument("--gallery", type=Path, required=True, help="the new rows: any input build reads")
+    p.add_argument("--ids", type=Path, help="their ids, one per line")
+    p.add_argument("--metadata", type=Path, help="their metadata (CSV, the version's columns)")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+    _add_parquet_options(p)
+    p = sub.add_parser("delete", help="publish a version without the given gallery ids")
+    p.add_argument("--root", type=Path, required=True, help="index root (its current version)")
+    p.add_argument("--ids", type=Path, required=True, help="ids to delete, one per line")
+    p.add_argument("--keep", type=_positive_int, default=3, help="versions kept (default 3)")
+
+    p = sub.add_parser(
+        "changes",
+        help="the change log of add/delete that build and nightly fold into --gallery",
+        description="'list' shows the logged changes; 'clear --through N' drops records up to "
+        "N once the upstream gallery holds them (the next build would refuse a re-added id).",
+    )
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("root", type=Path)
+    p.add_argument("--through", type=int, help="clear: the last order number to drop")
     p = sub.add_parser("list", help="list published versions")
     p.add_argument("root", type=Path)
     p = sub.add_parser("verify", help="recompute a version's checksums (default: current)")
@@ -446,6 +473,7 @@ def build_config(args: argparse.Namespace) -> BuildConfig:
         memory_budget=args.memory_budget,
         level_dtype=args.level_dtype,
         cluster=args.cluster,
+        changes=not args.no_changes,
     )
 
 
@@ -543,7 +571,57 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add(args: argparse.Namespace) -> int:
+    """``add``: new rows into the current version, published as a new one."""
+    columns = ParquetColumns(args.embedding_column, args.id_column, args.metadata_columns)
+    return _changed(incremental.add(args.root, args.gallery, args.ids, args.metadata, columns, args.keep))
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """``delete``: rows out of the current version, published as a new one."""
+    return _changed(incremental.delete(args.root, args.ids, args.keep))
+
+
+def cmd_changes(args: argparse.Namespace) -> int:
+    """``changes list|clear``: the logged add/delete records, or drop them up to ``--through``."""
+    if args.action == "clear":
+        if args.through is None:
+            raise InputError("changes clear needs --through N (see 'changes list')")
+        gone = artifact.clear_changes(args.root, args.through)
+        print(f"cleared {len(gone)} change record(s) through {args.through}")
+        return 0
+    current = artifact.current_version(args.root)
+    history = set(artifact.read_manifest(args.root, current).history) if current else set()
+    records = artifact.list_changes(args.root)
+    if not records:
+        print(f"no logged changes under {args.root}")
+        return 0
+    print(f"{'order':>8}  {'kind':<7}{'items':>8}  in current  operation")
+    for r in records:
+        mark = "yes" if r.operation in history else "no"
+        print(f"{r.order:>8}  {r.kind:<7}{r.count:>8}  {mark:<10}  {r.operation}")
+    return 0
+
+
+def _changed(outcome: Outcome) -> int:
+    m = outcome.manifest
+    if not outcome.applied:
+        print(f"already applied: version {m.version} holds this operation; nothing published")
+        return 0
+    summary = {
+        "version": m.version,
+        "n": m.n,
+        "changed_rows": outcome.changed_rows,
+        "seconds": outcome.seconds,
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 COMMANDS = {
+    "add": cmd_add,
+    "changes": cmd_changes,
+    "delete": cmd_delete,
     "expand": cmd_expand,
     "build": cmd_build,
     "nightly": cmd_nightly,

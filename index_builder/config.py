@@ -113,6 +113,7 @@ class BuildConfig:
     """dtype of the stored level rows online expansion reads: float32 or float16."""
     cluster: ClusterSpec | None = None
     """Run the heavy phases on this Dask cluster (``--cluster``); None: in this process."""
+    changes: bool = True  # fold the root's change log (``index_builder.changes``) into the gallery
 
     def __post_init__(self) -> None:
         if self.memory_budget is not None and self.memory_budget < 1:

@@ -26,7 +26,7 @@ from starlette.routing import Match, Route
 from starlette.types import Scope
 
 from aqe_retrieval.searcher import Searcher
-from service import render, search_request
+from service import admin_items, render, search_request
 from service.batcher import DeadlineExceeded
 from service.index_manager import IndexManager
 from service.info import info_summary
@@ -271,3 +271,13 @@ def add_routes(app: FastAPI) -> None:
         dependencies=[Depends(require_admin), Depends(require_json_if_body)],
         responses={**ADMIN_ERRORS, 409: {"description": "the version was refused; the old one serves on"}},
     )
+    writes = [Depends(require_admin), Depends(require_json), Depends(admin_items.require_writes)]
+    for method, endpoint in (("POST", admin_items.add_items), ("DELETE", admin_items.delete_items)):
+        app.add_api_route(
+            "/admin/items",
+            endpoint,
+            methods=[method],
+            dependencies=writes,
+            response_model=admin_items.ItemsResponse,
+            responses=admin_items.ITEM_ERRORS,
+        )

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="bearer token of /admin routes; unset: admin routes are off"
     )
+    allow_writes: bool = Field(
+        False,
+        description="serve POST/DELETE /admin/items (add/delete gallery items; needs "
+        "AQE_ADMIN_TOKEN and a writable index root); off: they answer 404",
+    )
+    write_keep: int = Field(3, ge=1, description="versions kept when /admin/items publishes one")
     reload_interval_s: float = Field(5.0, ge=0.0, description="poll of 'current'; 0 disables")
     max_k: int = Field(100, ge=1, le=10_000)
     max_batch: int = Field(256, ge=1, le=100_000)

@@ -91,11 +91,15 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], object], str]] = {
     ),
     "manifest is not an object": (
         lambda v: (v / "manifest.json").write_text("[1, 2]"),
-        r"format version None, this build reads 1",
+        r"format version None, this build reads \[1, 2\]",
     ),
     "wrong format version": (
+        lambda v: edit_manifest(v, lambda m: m.update(format_version=3)),
+        r"format version 3, this build reads \[1, 2\]",
+    ),
+    "delta format without a delta": (  # format 2 is what add/delete publish, with their delta
         lambda v: edit_manifest(v, lambda m: m.update(format_version=2)),
-        r"format version 2, this build reads 1",
+        r"format version 2 without a delta",
     ),
     "manifest misses a field": (
         lambda v: edit_manifest(v, drop_field("levels")),
