@@ -114,6 +114,9 @@ def _resolve(
         raise InputError(
             f"version {m.version} has an approximate expansion index: add/delete needs a rebuild"
         )
+    if any(lv.entry.dtype != "float32" for lv in art.levels):
+        # a delta version overrides rows in float32; float16 levels would be re-read lossy
+        raise InputError(f"version {m.version} has float16 levels: add/delete needs a rebuild")
     if not isinstance(art.serving_index, faiss.IndexFlat):
         raise InputError(f"version {m.version}: add/delete supports an exact serving index only; rebuild")
     keep_mask = np.ones(m.n, dtype=bool)
