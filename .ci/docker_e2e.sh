@@ -372,7 +372,9 @@ c = Client('tcp://127.0.0.1:8786', timeout=5); print(len(c.scheduler_info()['wor
 done
 [ "${workers:-0}" -ge 2 ] 2>/dev/null || fail "the Dask scheduler has ${workers:-0} workers, expected 2"
 log "Dask scheduler up with $workers workers"
-compose --profile dask run --rm -T build-dask >"$WORK/run3.json"
+# --no-deps: run alone would reconcile dask-worker back to its one default replica
+compose --profile dask run --rm --no-deps -T build-dask >"$WORK/run3.json" 2>"$WORK/run3.err"
+grep -q "2 worker(s)" "$WORK/run3.err" || { cat "$WORK/run3.err"; fail "the cluster build did not run on both workers"; }
 v3=$(json "$WORK/run3.json" 'd["last_success"]["version"]')
 [ "$v3" != "$v2" ] || fail "the cluster build did not publish a new version"
 log "cluster build published $v3"
