@@ -18,7 +18,7 @@ import numpy as np
 
 from aqe_retrieval import aqe, artifact
 from index_builder import budget, changes
-from index_builder.config import AUTO, BuildConfig, ServingSpec
+from index_builder.config import AUTO, BuildConfig, GateSpec, ServingSpec
 from index_builder.expansion import AqeParams, Expansion, ExpansionReport, Level
 from index_builder.gate import QualityInputs, quality_gate, quality_inputs
 from index_builder.graph_auto import GRAPH_EXACT_MAX_N, below_target, graph_nlist
@@ -126,36 +126,63 @@ def build(config: BuildConfig) -> artifact.Manifest:
         quality = None
         if config.quality is not None and checks is not None:
             t4 = time.perf_counter()
-            gate = replace(config.quality.gate, graph_recall_target=config.knn.recall_target)
-            quality = quality_gate(stage, u, report, config.params.alpha, gate, checks)
+            quality = quality_gate(stage, u, report, config.params.alpha, gate_spec(config), checks)
             timings["quality"] = time.perf_counter() - t4
         del u, expansion  # the expanded rows are staged: release them before publishing
 
-        if ids is not None:
-            stage.save_ids(ids)
-        if metadata:
-            stage.save_metadata(metadata)
-        t3 = time.perf_counter()
-        timings["total"] = t3 - t0
-        manifest = stage.publish(
-            keep=config.keep,
-            n=source.n,
-            d=source.d,
-            qe_k=config.params.qe_k,
-            effective_qe_k=report.effective_qe_k,
-            alpha=config.params.alpha,
-            qe_times=config.params.qe_times,
-            knn=knn_record(config.knn, source.d, graphs),
-            graph_recall=report.graph_recall,
-            graph_recall_target=config.knn.recall_target if report.graph_recall is not None else None,
-            graph_below_target=below_target(report.graph_recall, config.knn.recall_target),
-            graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
-            input=input_info,
-            timings_s={k: round(v, 3) for k, v in timings.items()},
-            quality=quality,
-            history=[r.operation for r in logged],  # a retried add/delete folded in is a no-op
-        )
-    logger.info("publish took %.1fs", time.perf_counter() - t3)
+        manifest = publish(
+            stage, config, report, input_info, timings, quality, ids, metadata, started=t0,
+            graphs=graphs, history=[r.operation for r in logged],  # a retried add/delete folded in is a no-op
+        )  # fmt: skip
+    return manifest
+
+
+def gate_spec(config: BuildConfig) -> GateSpec:
+    """The quality gate's thresholds, with the graph's recall target (a graph below it is refused)."""
+    assert config.quality is not None
+    return replace(config.quality.gate, graph_recall_target=config.knn.recall_target)
+
+
+def publish(
+    stage: artifact.Staging,
+    config: BuildConfig,
+    report: ExpansionReport,
+    input_info: dict[str, Any],
+    timings: dict[str, float],
+    quality: dict[str, Any] | None,
+    ids: list[str] | None,
+    metadata: dict[str, np.ndarray],
+    *,
+    started: float,
+    graphs: list[tuple[KnnSpec | None, tuple[dict[str, Any], ...]]] | None = None,
+    history: list[str] | None = None,
+) -> artifact.Manifest:
+    """Stage ids and metadata, then publish the version with its manifest (one build or a cluster's)."""
+    if ids is not None:
+        stage.save_ids(ids)
+    if metadata:
+        stage.save_metadata(metadata)
+    t0 = time.perf_counter()
+    timings["total"] = t0 - started
+    manifest = stage.publish(
+        keep=config.keep,
+        n=report.n,
+        d=report.d,
+        qe_k=config.params.qe_k,
+        effective_qe_k=report.effective_qe_k,
+        alpha=config.params.alpha,
+        qe_times=config.params.qe_times,
+        knn=knn_record(config.knn, report.d, graphs),
+        graph_recall=report.graph_recall,
+        graph_recall_target=config.knn.recall_target if report.graph_recall is not None else None,
+        graph_below_target=below_target(report.graph_recall, config.knn.recall_target),
+        graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
+        input=input_info,
+        timings_s={k: round(v, 3) for k, v in timings.items()},
+        quality=quality,
+        history=history or [],
+    )
+    logger.info("publish took %.1fs", time.perf_counter() - t0)
     return manifest
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import faiss
 
 from aqe_retrieval import artifact
-from aqe_retrieval.errors import KnnConfigError
+from aqe_retrieval.errors import InputError, KnnConfigError
 from index_builder import budget
-from index_builder.build import input_record, knn_record, save_level
+from index_builder.build import gate_spec, input_record, publish, save_level
 from index_builder.cluster import TASK_SHARE, connect, open_rows, pinned_threads, run_tasks, worker_memory
 from index_builder.config import BuildConfig
 from index_builder.dist_expand import ClusterExpansion, LevelFiles
@@ -101,6 +101,13 @@ def build_on_cluster(config: BuildConfig) -> artifact.Manifest:
     ids = gallery_ids(source, config.ids)
     metadata = gallery_metadata(source, config.metadata)
     config = resolve_auto_graph(config, n)
+    logged = artifact.list_changes(config.root) if config.changes else []
+    if logged:
+        raise InputError(
+            f"{config.root}: {len(logged)} logged add/delete change(s); a cluster build does not fold "
+            "them in yet: build without --cluster, or clear them once --gallery holds them "
+            "(index-builder changes clear), or pass --no-changes"
+        )
     assert config.cluster is not None
     checks = quality_inputs(config.quality, source, metadata) if config.quality else None
     input_info = input_record(config, source)
@@ -162,27 +169,7 @@ def build_on_cluster(config: BuildConfig) -> artifact.Manifest:
             if config.quality is not None and checks is not None:
                 t4 = time.perf_counter()
                 u: Any = open_rows(expanded)
-                quality = quality_gate(stage, u, report, config.params.alpha, config.quality.gate, checks)
+                quality = quality_gate(stage, u, report, config.params.alpha, gate_spec(config), checks)
                 timings["quality"] = time.perf_counter() - t4
                 del u
-            if ids is not None:
-                stage.save_ids(ids)
-            if metadata:
-                stage.save_metadata(metadata)
-            t3 = time.perf_counter()
-            timings["total"] = t3 - t0
-            return stage.publish(
-                keep=config.keep,
-                n=n,
-                d=d,
-                qe_k=config.params.qe_k,
-                effective_qe_k=report.effective_qe_k,
-                alpha=config.params.alpha,
-                qe_times=config.params.qe_times,
-                knn=knn_record(config.knn, d),
-                graph_recall=report.graph_recall,
-                graph_recall_sample=max((r.recall_sample for r in report.rounds), default=0),
-                input=input_info,
-                timings_s={k: round(v, 3) for k, v in timings.items()},
-                quality=quality,
-            )
+            return publish(stage, config, report, input_info, timings, quality, ids, metadata, started=t0)

@@ -182,3 +182,24 @@ def test_knn_auto_on_a_cluster_is_exact_while_cheap_and_asks_for_a_graph_above(t
         resolve_auto_graph(config, GRAPH_EXACT_MAX_N + 1)
     ivf = BuildConfig(gallery=tmp_path / "g.npy", root=tmp_path, knn=KnnSpec(method="IVF16,Flat", nprobe=4))
     assert resolve_auto_graph(ivf, 10**7) is ivf
+
+
+def test_a_cluster_build_refuses_a_change_log_it_cannot_fold(tmp_path) -> None:
+    """Logged adds/deletes must not be dropped silently: the cluster build says so and stops."""
+    from aqe_retrieval.errors import InputError
+    from index_builder.cli import main
+
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "g.npy", rng.standard_normal((30, 8)).astype(np.float32))
+    (tmp_path / "g.ids").write_text("".join(f"r{i}\n" for i in range(30)))
+    root = tmp_path / "root"
+    exact = ["--knn", "exact", "--serving-index", "exact", "--expansion-index", "exact", "--qe-k", "3"]
+    base = ["--gallery", str(tmp_path / "g.npy"), "--ids", str(tmp_path / "g.ids"), "--root", str(root)]
+    assert main(["build", *base, *exact]) == 0
+    (tmp_path / "gone.txt").write_text("r1\n")
+    assert main(["delete", "--root", str(root), "--ids", str(tmp_path / "gone.txt")]) == 0
+    config = BuildConfig(
+        gallery=tmp_path / "g.npy", ids=tmp_path / "g.ids", root=root, cluster=ClusterSpec("local:1")
+    )
+    with pytest.raises(InputError, match="logged add/delete"):
+        build(config)
