@@ -140,17 +140,11 @@ def json_queries(body: SearchRequest, settings: Settings, searcher: Searcher) ->
     if body.id is not None or body.ids is not None:
         ids = [body.id] if body.id is not None else body.ids
         assert ids is not None
-        if not ids:
-            raise QueryError("'ids' is empty")
-        if len(ids) > settings.max_batch:
-            raise QueryError(f"batch of {len(ids)} is over the limit of {settings.max_batch}")
+        check_batch(ids, "ids", settings.max_batch)
         return searcher.raw_rows([searcher.row_of(i) for i in ids])
     rows = [body.embedding] if body.embedding is not None else body.embeddings
     assert rows is not None
-    if not rows:
-        raise QueryError("'embeddings' is empty")
-    if len(rows) > settings.max_batch:
-        raise QueryError(f"batch of {len(rows)} is over the limit of {settings.max_batch}")
+    check_batch(rows, "embeddings", settings.max_batch)
     dims = {len(r) for r in rows}
     if len(dims) != 1:
         raise QueryError(f"embeddings of different lengths {sorted(dims)} in one batch")
@@ -172,3 +166,11 @@ def check_options(body: SearchRequest, settings: Settings) -> None:
 def _invalid(exc: ValidationError, where: str) -> RequestValidationError:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     return RequestValidationError([{**e, "loc": (where, *e["loc"])} for e in errors])
+
+
+def check_batch(items: list[Any], field: str, max_batch: int) -> None:
+    """A batch field (``embeddings``, ``ids``) holds 1 .. ``max_batch`` items (QueryError otherwise)."""
+    if not items:
+        raise QueryError(f"'{field}' is empty")
+    if len(items) > max_batch:
+        raise QueryError(f"batch of {len(items)} is over the limit of {max_batch}")
