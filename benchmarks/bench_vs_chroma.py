@@ -115,7 +115,7 @@ def stored_rows(index) -> np.ndarray | None:
 
     from aqe_retrieval.faiss_search import flat_rows
 
-    rows = flat_rows(index)
+    rows = flat_rows(index, copy_unaligned=True)  # a memory-mapped flat index is often unaligned
     if rows is not None:
         return rows
     ivf = faiss.try_extract_index_ivf(index)

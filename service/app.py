@@ -2,7 +2,8 @@
 
 The index is loaded (and then watched) in the lifespan, with FAISS's and BLAS's thread pools as
 wide as one search may be; the batcher's threads live as long as the app. The routes are in
-:mod:`service.routes`, the middlewares in :mod:`service.middleware`, response and error bodies
+:mod:`service.routes`, the middlewares in :mod:`service.middleware` (``POST /search`` ahead of
+FastAPI's layers, :class:`ServiceApp`, in :mod:`service.fast_path`), response and error bodies
 in :mod:`service.render`.
 """
 
@@ -14,11 +15,13 @@ from contextlib import asynccontextmanager
 import faiss
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.types import Receive, Scope, Send
 from threadpoolctl import threadpool_limits
 
 from aqe_retrieval.errors import FilterError, QueryError, UnknownIdError
 from service import openapi, render
 from service.batcher import Batcher, Overloaded
+from service.fast_path import SearchFastPath, is_search
 from service.index_manager import IndexManager
 from service.info import gauge_state
 from service.metrics import Metrics
@@ -61,13 +64,29 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         blas.restore_original_limits()
 
 
-def create_app(settings: Settings, manager: IndexManager | None = None) -> FastAPI:
+class ServiceApp(FastAPI):
+    """The FastAPI app, with ``POST /search`` answered ahead of FastAPI's own layers.
+
+    :class:`service.fast_path.SearchFastPath` answers it (the same answers, errors and metrics
+    as the documented route; see its module); every other request goes through FastAPI.
+    """
+
+    search_path: SearchFastPath
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """``POST /search`` to :attr:`search_path`, the rest to FastAPI."""
+        if is_search(scope):
+            return await self.search_path(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
+def create_app(settings: Settings, manager: IndexManager | None = None) -> ServiceApp:
     """Build the app; the index is loaded and watched during the lifespan."""
     manager = manager or IndexManager.from_settings(settings)
     metrics = Metrics(lambda: gauge_state(manager, settings), settings.metrics_dir)
     manager.subscribe(metrics.count_reload)
 
-    app = FastAPI(
+    app = ServiceApp(
         title="AQE retrieval service",
         version="0.1.0",
         lifespan=lifespan,
@@ -76,8 +95,10 @@ def create_app(settings: Settings, manager: IndexManager | None = None) -> FastA
         description="Nearest gallery items for an embedding, with online alpha-weighted "
         "query expansion over a FAISS index published by `index-builder build`.",
     )
-    app.add_middleware(BodyLimit, limit=lambda: body_limit(settings, manager.searcher))
+    limit = lambda: body_limit(settings, manager.searcher)  # noqa: E731
+    app.add_middleware(BodyLimit, limit=limit)
     app.add_middleware(Observe, metrics=metrics)
+    app.search_path = SearchFastPath(app, metrics, limit)
     app.state.manager, app.state.metrics, app.state.settings = manager, metrics, settings
     # the errors a search can raise for its caller's input, at their status in the one table
     for error in (QueryError, FilterError, UnknownIdError):

@@ -48,7 +48,7 @@ class BodyLimit:
         limit, why = self.limit()
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            return await _too_large(limit, why, send)
+            return await too_large(limit, why, send)
         if length is not None:
             return await self.app(scope, receive, send)
         # No declared length (chunked): read up to the limit here, then replay it to the app.
@@ -61,7 +61,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             seen += len(chunks[-1])
             if seen > limit:
-                return await _too_large(limit, why, send)
+                return await too_large(limit, why, send)
             more = message.get("more_body", False)
         body = b"".join(chunks)
         replayed = False
@@ -76,7 +76,8 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-async def _too_large(limit: int, why: str, send: Send) -> None:
+async def too_large(limit: int, why: str, send: Send) -> None:
+    """Answer 413: the body is over ``limit`` bytes (``why``: where the limit comes from)."""
     body = json.dumps({"detail": f"request body over the {limit}-byte limit ({why})"}).encode()
     await send(
         {

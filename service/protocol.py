@@ -13,6 +13,10 @@ its search queued, for nobody. :class:`GuardedHttpToolsProtocol` adds both:
   request's task is cancelled; a search awaiting the batcher then cancels its future, and the
   batcher drops the job before searching it.
 
+It also writes a response's head (status line and headers) together with the first part of
+its body: uvicorn writes them with two ``transport.write`` calls, two ``send`` system calls and
+two TCP segments (``TCP_NODELAY``), and the client wakes for each.
+
 uvicorn takes it as ``uvicorn.Config(http="service.protocol:GuardedHttpToolsProtocol")``; the
 deadline is the config's ``read_timeout_s`` attribute (:class:`service.main._Config`). It builds
 on uvicorn's private ``_start_asgi_task`` (uvicorn pinned in constraints.txt;
@@ -35,6 +39,9 @@ REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\n"
     b"content-length: %d\r\nconnection: close\r\n\r\n" % len(_TIMEOUT_BODY)
 ) + _TIMEOUT_BODY
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"  # what uvicorn's cycle writes for ``Expect: 100-continue``
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -62,6 +69,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """The headers are in; the deadline runs on until the body is."""
         self._headers_done = True
         super().on_headers_complete()
+        if self.cycle is not None:  # its response's head goes out with the body's first bytes
+            self.cycle.transport = HeadWithBody(self.transport)  # type: ignore[assignment]
 
     def on_message_complete(self) -> None:
         """The whole request is in: no read deadline until the next one begins."""
@@ -109,3 +118,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if not self._headers_done:  # no handler has this request: say why before closing
             self.transport.write(REQUEST_TIMEOUT)
         self.transport.close()
+
+
+class HeadWithBody:
+    """A response cycle's view of the connection that holds the first write (the head) back.
+
+    uvicorn's cycle writes the head on ``http.response.start`` and each body part on
+    ``http.response.body``, and before either only an interim ``100 Continue``; this joins the
+    head to the first body write, so a small response is one system call. The interim answer
+    and everything else go straight to the transport.
+    """
+
+    __slots__ = ("_head", "_held", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._head: bytes | None = None
+        self._held = False
+
+    def write(self, data: bytes) -> None:
+        """Hold the head back; write it with the next bytes."""
+        if not self._held and data != CONTINUE:
+            self._held, self._head = True, data
+            return
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

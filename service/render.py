@@ -24,13 +24,23 @@ MAX_VALIDATION_ERRORS = 20
 
 
 async def search_response(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
-    """The JSON answer of a search; large ones are rendered off the event loop."""
+    """The JSON answer of a search as a response; large ones are rendered off the event loop."""
+    return Response(await search_body(searcher, hits, with_metadata), media_type="application/json")
+
+
+async def search_body(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> bytes:
+    """The JSON body of a search's answer; large ones are rendered off the event loop."""
     if sum(len(row) for row in hits) <= RENDER_INLINE_HITS:
-        return render_hits(searcher, hits, with_metadata)
-    return await run_in_threadpool(render_hits, searcher, hits, with_metadata)
+        return hits_json(searcher, hits, with_metadata)
+    return await run_in_threadpool(hits_json, searcher, hits, with_metadata)
 
 
 def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> Response:
+    """:func:`hits_json` as a JSON response."""
+    return Response(hits_json(searcher, hits, with_metadata), media_type="application/json")
+
+
+def hits_json(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) -> bytes:
     """Each hit as its external id and score (and metadata), under the served version.
 
     Encoded by orjson (what Starlette's JSONResponse does with the standard library's
@@ -44,8 +54,7 @@ def render_hits(searcher: Searcher, hits: list[list[Hit]], with_metadata: bool) 
         ]
         for row in hits
     ]
-    body = orjson.dumps({"index_version": searcher.version, "results": results})
-    return Response(body, media_type="application/json")
+    return orjson.dumps({"index_version": searcher.version, "results": results})
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:

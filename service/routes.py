@@ -1,14 +1,15 @@
 """The HTTP routes: a thin layer over the served :class:`~aqe_retrieval.searcher.Searcher`.
 
-``/search`` is a coroutine that never blocks the event loop on a search: every search runs on
-the :class:`~service.batcher.Batcher`'s threads (concurrent unfiltered requests gathered into one
-FAISS call; FAISS releases the GIL) and is awaited there; the rendering of large answers runs in
-Starlette's threadpool. A small request costs no thread hop besides the batcher's
-(benchmarks/bench_service.py).
+``POST /search`` is answered by :class:`service.fast_path.SearchFastPath`, a raw ASGI handler
+ahead of FastAPI's middleware and routing; the route registered here for it is what the OpenAPI
+document describes (and answers the same way, through :func:`service.fast_path.answer`). A
+search never blocks the event loop for long: a lone small one on an idle batcher runs inline,
+everything else on the :class:`~service.batcher.Batcher`'s threads (concurrent unfiltered
+requests gathered into one FAISS call; FAISS releases the GIL); large answers are rendered in
+Starlette's threadpool.
 
 What the routes need lives on ``app.state`` (set by :func:`service.app.create_app`); the other
-routes declare it once below as ``Annotated`` dependencies, while ``/search`` reads it directly
-(a plain Starlette route: no per-request dependency machinery). Request bodies are decoded in
+routes declare it once below as ``Annotated`` dependencies. Request bodies are decoded in
 :mod:`service.search_request`; :func:`add_routes` puts the routes on an app.
 """
 
@@ -19,23 +20,15 @@ import time
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
-from aqe_retrieval.searcher import Searcher
-from service import admin_items, render, search_request
-from service.batcher import DeadlineExceeded
+from service import admin_items, fast_path
 from service.index_manager import IndexManager
 from service.info import info_summary
 from service.metrics import Metrics
 from service.schemas import ErrorResponse, SearchRequest, SearchResponse, ValidationErrorResponse
 from service.settings import Settings
-
-# bodies up to this size are parsed on the event loop (a thread hop costs more than parsing them)
-PARSE_INLINE_BYTES = 64 * 1024
 
 # /search reads its body itself (_parse_search_request); this puts its schema back in /docs
 BINARY_QUERIES = {
@@ -123,55 +116,14 @@ AppMetrics = Annotated[Metrics, Depends(app_metrics)]
 
 async def search(request: Request) -> Response:
     """Nearest gallery items of each query, best first (JSON, float32 or .npy queries)."""
-    # The hot path, served by a plain Starlette route (SearchRoute): app state read directly,
-    # no FastAPI dependency or body machinery per request.
-    state = request.app.state
-    searcher: Searcher | None = state.manager.searcher
-    if searcher is None:
-        raise HTTPException(503, "no index version is loaded yet")
-    settings: Settings = state.settings
+    # What /docs describes; in the app, service.fast_path.SearchFastPath answers POST /search
+    # ahead of this route with the same service.fast_path.answer.
     started = time.monotonic()
-    kind = search_request.media_kind(request.headers.get("content-type", ""))
     raw = await request.body()
-    params = dict(request.query_params) if kind != search_request.JSON else {}
-    if len(raw) <= PARSE_INLINE_BYTES:
-        body, queries = search_request.read(kind, raw, params, settings, searcher)
-    else:  # a large body is parsed off the event loop, so /healthz and small requests go on
-        body, queries = await run_in_threadpool(search_request.read, kind, raw, params, settings, searcher)
-    left = settings.request_timeout_s - (time.monotonic() - started)
-    if left <= 0:
-        raise DeadlineExceeded(f"request deadline of {settings.request_timeout_s:g} s passed while parsing")
-    state.metrics.queries.observe(len(queries))
-    # on the batcher's threads; unfiltered queries share one FAISS call with concurrent ones.
-    # A client that hangs up cancels this task (service.protocol), which drops the queued job.
-    raw_mode = body.mode == "raw"
-    hits = await state.batcher.submit_async(
-        searcher,
-        queries,
-        body.k,
-        expand=body.expand_query and not raw_mode,
-        filters=body.filter,
-        timeout_s=left,
-        raw=raw_mode,
-    )
-    if body.min_score is not None:  # per request: a batch mixes requests of different floors
-        floor = body.min_score
-        hits = [[h for h in row if h.score >= floor] for row in hits]
-    return await render.search_response(searcher, hits, body.with_metadata)
-
-
-class SearchRoute(Route):
-    """``POST /search`` as a plain Starlette route (the documented APIRoute stays for OpenAPI).
-
-    Measured against FastAPI's route with its dependency: see the README's HTTP throughput
-    notes. Sets ``scope["route"]`` as FastAPI's routes do, for the metrics' route label.
-    """
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match != Match.NONE:
-            child = {**child, "route": self}
-        return match, child
+    query = request.scope["query_string"].decode("latin-1")
+    content_type = request.headers.get("content-type", "")
+    body = await fast_path.answer(request.app.state, content_type, raw, query, started)
+    return Response(body, media_type="application/json")
 
 
 def require_json(request: Request) -> None:
@@ -246,10 +198,9 @@ def add_routes(app: FastAPI) -> None:
 
     Not through an included ``APIRouter``: FastAPI resolves an included router on every request
     (a second match, scope bookkeeping), work the tuned ``/search`` path did not do before.
-    ``POST /search`` is served by :class:`SearchRoute`, matched first; the APIRoute of the same
-    path and endpoint after it is what the OpenAPI document describes.
+    ``POST /search`` is answered by :class:`service.fast_path.SearchFastPath` before routing; its
+    APIRoute here is what the OpenAPI document describes (and answers the same way).
     """
-    app.router.routes.append(SearchRoute("/search", search, methods=["POST"]))
     app.add_api_route(
         "/search",
         search,
