@@ -323,8 +323,12 @@ class Batcher:
                 if self._dropped(job):
                     continue
                 groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
-            for group in groups.values():  # each group answered as soon as it is searched
-                self._deliver(self._answer(group))
+            last = len(groups) - 1
+            for i, group in enumerate(groups.values()):  # each answered as soon as it is searched
+                outcomes = self._answer(group)
+                if i == last:  # idle from here on: a caller woken by this answer may go inline
+                    self._working[slot] = False
+                self._deliver(outcomes)
             self._working[slot] = False
             if stop:
                 return

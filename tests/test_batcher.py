@@ -238,3 +238,119 @@ def test_an_event_loop_caller_is_answered_at_its_deadline(searcher, small_galler
         gate.set()
         batcher.close()
     assert 0.09 <= waited < 1 and len(hits[0]) == 2
+
+
+class _Threads:
+    """A searcher stand-in that remembers the thread each search ran on (and can be slow)."""
+
+    def __init__(self, searcher: Searcher, seconds: float = 0.0) -> None:
+        self.searcher, self.seconds, self.threads = searcher, seconds, []
+
+    def check_queries(self, queries):
+        return self.searcher.check_queries(queries)
+
+    def search_checked(self, queries, k, expand=True, filters=None, raw=False):
+        self.threads.append(threading.current_thread().name)
+        time.sleep(self.seconds)
+        return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
+
+
+def test_an_idle_batcher_answers_a_lone_small_search_inline(searcher, small_gallery):
+    """Inline once its kind was timed cheap; the same answers; never a filter or a large batch."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    recording = _Threads(searcher)
+    here = threading.current_thread().name
+
+    async def main():
+        first = await batcher.search_async(recording, x[:1], 3)  # its kind untimed: a worker
+        again = [await batcher.search_async(recording, x[i : i + 1], 3) for i in range(1, 4)]
+        other = await batcher.search_async(recording, x[:1], 3, raw=True)  # another kind
+        big = await batcher.search_async(recording, x[:5], 3)  # over INLINE_MAX_ROWS
+        filtered = await batcher.search_async(recording, x[:1], 3, filters={"camera": 1})
+        return first, again, other, big, filtered
+
+    try:
+        first, again, other, big, filtered = asyncio.run(main())
+    finally:
+        batcher.close()
+    worker = "search-batcher-0"
+    assert recording.threads == [worker, here, here, here, worker, worker, "search-filtered-0"]
+    assert batcher.inline == 3
+    assert first == searcher.search(x[:1], 3)
+    assert again == [searcher.search(x[i : i + 1], 3) for i in range(1, 4)]
+    assert other == searcher.search(x[:1], 3, raw=True)
+    assert big == searcher.search(x[:5], 3)
+    assert filtered == searcher.search(x[:1], 3, filters={"camera": 1})
+
+
+def test_no_inline_search_while_the_workers_are_busy_or_when_it_is_slow(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    gate = threading.Event()
+    slow = _Threads(searcher, seconds=0.01)  # over INLINE_MAX_S: the loop would stall for it
+    cheap = _Threads(searcher)
+
+    async def main():
+        await batcher.search_async(slow, x[:1], 2)
+        await batcher.search_async(slow, x[:1], 2)
+        await batcher.search_async(cheap, x[:1], 2)  # timed on the worker
+        held = asyncio.ensure_future(batcher.submit_async(_Blocking(searcher, gate), x[:1], 2))
+        while batcher.queued():  # the worker took it
+            await asyncio.sleep(0.001)
+        behind = asyncio.ensure_future(batcher.search_async(cheap, x[1:2], 2))
+        await asyncio.sleep(0.05)
+        assert not behind.done()  # queued behind the busy worker, not inline
+        gate.set()
+        return await held, await behind
+
+    try:
+        _, behind = asyncio.run(main())
+    finally:
+        gate.set()
+        batcher.close()
+    assert slow.threads == ["search-batcher-0"] * 2 and cheap.threads == ["search-batcher-0"] * 2
+    assert batcher.inline == 0 and behind == searcher.search(x[1:2], 2)
+
+
+def test_requests_that_arrive_together_batch_on_the_workers(searcher, small_gallery):
+    """The first yields once before going inline, so those that came with it queue, and so does it."""
+    x, _ = small_gallery
+    batcher = Batcher(workers=1)
+    recording = _Threads(searcher)
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)  # timed: cheap
+        return await asyncio.gather(*(batcher.search_async(recording, x[i : i + 1], 2) for i in range(16)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert batcher.inline == 0 and set(recording.threads) == {"search-batcher-0"}
+    assert len(recording.threads) < 1 + 16  # at least two of them shared a FAISS call
+    for i, hits in enumerate(got):  # a batch's scores may differ from one query's in the last bits
+        [want] = searcher.search(x[i : i + 1], 2)
+        assert [h.row for h in hits[0]] == [h.row for h in want]
+        np.testing.assert_allclose([h.score for h in hits[0]], [h.score for h in want], atol=1e-5)
+
+
+def test_a_caller_gone_while_deciding_to_inline_is_counted_as_dropped(searcher, small_gallery):
+    x, _ = small_gallery
+    drops: list[str] = []
+    batcher = Batcher(workers=1, on_drop=drops.append)
+    recording = _Threads(searcher)
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)
+        task = asyncio.ensure_future(batcher.search_async(recording, x[1:2], 2))
+        await asyncio.sleep(0)  # the task runs up to its yield
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert drops == ["gone"] and len(recording.threads) == 1
