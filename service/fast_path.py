@@ -11,7 +11,8 @@ What it keeps of the layers it skips, so a search is answered exactly as through
 
 - the body limit of :class:`~service.middleware.BodyLimit` (``413`` from ``content-length`` or
   the first bytes over it) and the metrics of :class:`~service.middleware.Observe` (route label
-  ``/search``; ``499`` for a client that went away);
+  ``/search``, ``unmatched`` for a 413 refused before routing; ``499`` for a client that went
+  away);
 - every error through the app's own exception handlers (``app.exception_handlers``: the same
   400/404/415/422/503 bodies and ``Retry-After``); an unexpected error propagates to the server
   (uvicorn answers 500 and logs it);
@@ -41,6 +42,8 @@ from service.middleware import too_large
 from service.settings import Settings
 
 ROUTE = "/search"
+UNROUTED = "unmatched"
+"""The route label of a request refused before routing (:class:`~service.middleware.Observe`'s)."""
 PARSE_INLINE_BYTES = 64 * 1024
 """Bodies up to this size are parsed on the event loop (a thread hop costs more than parsing them)."""
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -119,7 +122,9 @@ class SearchFastPath:
         finally:
             counter = self._counted.get(status)
             if counter is None:
-                counter = self._counted[status] = self._requests.labels(ROUTE, str(status))
+                # a body over the limit is refused before routing, as the body middleware does
+                route = UNROUTED if status == 413 else ROUTE
+                counter = self._counted[status] = self._requests.labels(route, str(status))
             counter.inc()
             self.latency.observe(time.perf_counter() - t0)
 
