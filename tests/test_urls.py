@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import rangefs
 from helpers import clustered_data
 
 from aqe_retrieval import artifact
@@ -17,6 +16,9 @@ from aqe_retrieval.errors import InputError
 from index_builder.cli import main
 from index_builder.inputs import open_embeddings
 from index_builder.urls import Url, location
+
+pytest.importorskip("fsspec")  # comes with the distributed extra (dask)
+import rangefs
 
 
 @pytest.fixture(autouse=True)
