@@ -24,6 +24,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,9 +41,6 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-_SAMPLER: dict[str, object] = {}
-
-
 def _rss_anon() -> int:
     """This process's anonymous resident memory now (``RssAnon``: no file pages, no page cache)."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -51,8 +49,8 @@ def _rss_anon() -> int:
     return 0
 
 
-def _start_sampler() -> None:
-    """In a worker: sample RssAnon every 20 ms until :func:`_stop_sampler`."""
+def _start_sampler(dask_worker: Any) -> None:
+    """In a worker: sample RssAnon every 20 ms until :func:`_stop_sampler` (state on the worker)."""
     import threading
 
     done, peak = threading.Event(), [0]
@@ -64,16 +62,17 @@ def _start_sampler() -> None:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    _SAMPLER.update(done=done, peak=peak, thread=thread)
+    dask_worker.aqe_sampler = (done, peak, thread)  # functions sent by client.run share no globals
 
 
-def _stop_sampler() -> dict[str, int]:
+def _stop_sampler(dask_worker: Any) -> dict[str, int]:
     """The sampled peak RssAnon, ru_maxrss and the process's disk I/O (``/proc/self/io``)."""
-    _SAMPLER["done"].set()  # type: ignore[attr-defined]
-    _SAMPLER["thread"].join()  # type: ignore[attr-defined]
+    done, peak, thread = dask_worker.aqe_sampler
+    done.set()
+    thread.join()
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
     return {
-        "peak_anon": _SAMPLER["peak"][0],  # type: ignore[index]
+        "peak_anon": peak[0],
         "maxrss": _peak_rss(),
         "read_bytes": int(io["read_bytes"]),
         "write_bytes": int(io["write_bytes"]),
@@ -113,7 +112,10 @@ def run(args: argparse.Namespace, n: int, workers: int) -> dict:
     t0 = time.perf_counter()
     single = build(BuildConfig(root=root, threads=workers, **common))  # type: ignore[arg-type]
     single_s = time.perf_counter() - t0
+    import dask
+
     with (
+        dask.config.set({"distributed.worker.memory.terminate": False}),  # as cluster.connect
         LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
