@@ -133,6 +133,15 @@ def test_cluster_address_checked() -> None:
         ClusterSpec("tcp://127.0.0.1:8786", rows_per_task=0)
 
 
+def test_row_range_tasks_fit_the_worker_share() -> None:
+    """Rows per read/expand/merge task follow the share and d (a wide gallery gets fewer rows)."""
+    spec = ClusterSpec("local:1", worker_bytes=64 * 2**20)
+    assert spec.rows_for(768) == 64 * 2**20 // (16 * 768)
+    assert spec.rows_for(768) * 768 * 4 * 4 <= spec.worker_bytes
+    assert spec.rows_for(8) == 16384 and ClusterSpec("local:1", worker_bytes=1).rows_for(8) == 256
+    assert ClusterSpec("local:1", rows_per_task=100).rows_for(768) == 100
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
