@@ -7,8 +7,9 @@ For each worker count W: a single-process build with ``--threads W`` and a clust
 ``LocalCluster`` of W single-threaded worker processes (``--memory-limit`` each), same data and
 parameters. Reported per run: wall seconds per phase, the ratio single / cluster, the task
 stream's per-phase task count and the spread of task durations (max / median: the balance),
-each worker's peak RSS (``ru_maxrss``: it counts the mapped file pages a worker touched too,
-so it is an upper bound of its anonymous memory) and the client's. Bytes each phase moves are
+each worker's peak anonymous memory (``RssAnon`` sampled every 20 ms: no file pages of the
+memory-mapped arrays; ``ru_maxrss`` is no use here, a spawned worker inherits its parent's) and
+its disk I/O (``/proc/self/io``). Bytes each phase moves are
 the design's formulas (README "Cluster build"), evaluated for the run's N, d, k, nprobe and
 partitioning; nothing is extrapolated to other machines.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import statistics
 import sys
@@ -35,10 +35,6 @@ from index_builder.cluster import ClusterSpec
 from index_builder.config import BuildConfig, ServingSpec
 from index_builder.expansion import AqeParams
 from index_builder.knn import KnnSpec
-
-
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_anon() -> int:
@@ -66,14 +62,13 @@ def _start_sampler(dask_worker: Any) -> None:
 
 
 def _stop_sampler(dask_worker: Any) -> dict[str, int]:
-    """The sampled peak RssAnon, ru_maxrss and the process's disk I/O (``/proc/self/io``)."""
+    """The sampled peak RssAnon and the process's disk I/O (``/proc/self/io``)."""
     done, peak, thread = dask_worker.aqe_sampler
     done.set()
     thread.join()
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
     return {
         "peak_anon": peak[0],
-        "maxrss": _peak_rss(),
         "read_bytes": int(io["read_bytes"]),
         "write_bytes": int(io["write_bytes"]),
         "rchar": int(io["rchar"]),
@@ -136,11 +131,17 @@ def run(args: argparse.Namespace, n: int, workers: int) -> dict:
         peaks = client.run(_stop_sampler)
     durations: dict[str, list[float]] = defaultdict(list)
     for task in stream.data:
-        name = task["key"].rsplit("-", 1)[0] if isinstance(task["key"], str) else str(task["key"])
+        # submit() keys are "<function>-<uuid4>": the function names the phase
+        name = task["key"].split("-", 1)[0] if isinstance(task["key"], str) else str(task["key"])
         compute = [s for s in task["startstops"] if s["action"] == "compute"]
         durations[name] += [s["stop"] - s["start"] for s in compute]
     balance = {
-        name: {"tasks": len(v), "max_over_median": round(max(v) / max(statistics.median(v), 1e-9), 2)}
+        name: {
+            "tasks": len(v),
+            "total_s": round(sum(v), 2),
+            "median_s": round(statistics.median(v), 3),
+            "max_over_median": round(max(v) / max(statistics.median(v), 1e-9), 2),
+        }
         for name, v in durations.items()
     }
     mib = 2**20
@@ -156,11 +157,10 @@ def run(args: argparse.Namespace, n: int, workers: int) -> dict:
         "task_balance": balance,
         "worker_memory_limit": args.memory_limit,
         "worker_peak_anon_mib": sorted(round(v["peak_anon"] / mib) for v in peaks.values()),
-        "worker_maxrss_mib": sorted(round(v["maxrss"] / mib) for v in peaks.values()),
         "worker_disk_read_mib": sorted(round(v["read_bytes"] / mib) for v in peaks.values()),
         "worker_disk_write_mib": sorted(round(v["write_bytes"] / mib) for v in peaks.values()),
         "worker_read_syscall_mib": sorted(round(v["rchar"] / mib) for v in peaks.values()),
-        "client_maxrss_mib": round(_peak_rss() / mib),
+        "client_anon_now_mib": round(_rss_anon() / mib),  # after the single build in this process too
     }
 
 
