@@ -1,7 +1,7 @@
 """The cluster build against the single-process build at equal total cores, on this machine.
 
     PYTHONPATH=$PWD python3 benchmarks/bench_cluster.py --n 20000 --d 128 --workers 1 2 \\
-        --knn exact --out /work/var-dask/bench
+        --knn exact --out /tmp/bench_cluster
 
 For each worker count W: a single-process build with ``--threads W`` and a cluster build on a
 ``LocalCluster`` of W single-threaded worker processes (``--memory-limit`` each), same data and
