@@ -37,7 +37,11 @@ appended rows' ids and metadata), and per level ``delta_level_<t>_{pos,rows,norm
 ``delta_graph_<t>_{pos,ids,sims}.npy`` (the rows whose values or neighbours changed, by their
 position in the version; ``t = qe_times`` is the served level). :func:`load` presents it as a
 full build would: the base rows not deleted, in order, then the appended rows (compacted, so row
-numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`.
+numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`. The
+base's approximate indexes (serving or expansion, any kind, on-disk lists included) are read
+from their hard-linked files and served masked, with the delta rows beside them
+(:class:`aqe_retrieval.overlay.DeltaIndex`); a flat serving index is rebuilt over the view. Delta
+rows are stored in their level's dtype (float16 levels: float16), the served level in float32.
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ class DeltaIndex:
         fresh[view.alive[pos[pos < alive]]] = False
         self.fresh = fresh
         self.fresh_count = int(fresh.sum())
-        self._fresh_selector = bitmap_selector(fresh)
+        # read-only during a search, so one parameter object serves every thread
+        self._fresh_params = parameters_with_selector(base, bitmap_selector(fresh), nprobe, ef_search)
         self._in_delta = np.zeros(view.n, dtype=bool)
         self._in_delta[pos] = True
 
@@ -83,20 +84,20 @@ class DeltaIndex:
         """
         q = np.ascontiguousarray(u, dtype=np.float32)
         if mask is None:
-            base_ok, count, sel = self.fresh, self.fresh_count, self._fresh_selector
-            delta_mask = None
+            count, delta_mask = self.fresh_count, None
         else:
             base_ok = np.zeros(self.view.base_n, dtype=bool)
             base_ok[self.view.alive] = mask[: len(self.view.alive)]
             base_ok &= self.fresh
-            count = int(base_ok.sum())
-            sel = bitmap_selector(base_ok) if count else None
-            delta_mask = mask[self.pos]
+            count, delta_mask = int(base_ok.sum()), mask[self.pos]
         parts_s, parts_i = [], []
         if count:
-            kb = min(k, count)
-            params = parameters_with_selector(self.base, sel, nprobe or self.nprobe, self.ef_search)
-            sims, ids = self.base.search(q, kb, params=params)
+            if mask is None and nprobe is None:
+                params = self._fresh_params
+            else:
+                sel = bitmap_selector(self.fresh if mask is None else base_ok)
+                params = parameters_with_selector(self.base, sel, nprobe or self.nprobe, self.ef_search)
+            sims, ids = self.base.search(q, min(k, count), params=params)
             view_ids = np.where(ids >= 0, self.to_view[np.maximum(ids, 0)], -1)
             parts_s.append(np.where(view_ids >= 0, sims, -np.inf).astype(np.float32))
             parts_i.append(view_ids)
