@@ -211,3 +211,76 @@ def test_a_default_build_takes_add_and_delete_and_the_service_serves_them(tmp_pa
     s = Searcher(artifact.load(root))
     assert isinstance(s.artifact.serving_index, DeltaIndex) and s.artifact.manifest.n == n + 47
     check_deleted_never_used(s, {"n0": new[0], "r3": x[3], "r4": x[4]}, x[:8])
+
+
+def same_hits(a: Searcher, ha: list, b: Searcher, hb: list, tol: float = 1e-5) -> None:
+    """The same ids and scores, order and the k-th place only within a tie."""
+    for ra, rb in zip(ha, hb, strict=True):
+        np.testing.assert_allclose([h.score for h in ra], [h.score for h in rb], atol=tol)
+        if not rb:
+            continue
+        boundary = min(h.score for h in rb)
+        ia = {a.external_id(h.row): h.score for h in ra}
+        ib = {b.external_id(h.row): h.score for h in rb}
+        assert all(abs({**ia, **ib}[i] - boundary) <= tol for i in set(ia) ^ set(ib)), (ra, rb)
+
+
+def test_on_disk_lists_filters_min_score_raw_and_search_by_id_through_a_delta(tmp_path):
+    """Out-of-core IVF (``.ivfdata``) at nprobe = nlist: every search path equals a full build's."""
+    from helpers import clustered_data, write_gallery
+
+    x = clustered_data(6_000, D, seed=4)
+    paths = write_gallery(tmp_path / "in", x)
+    ivf = ["--knn", "IVF32,Flat", "--nprobe", "32", "--batch-lists", "--qe-times", "2", "--qe-k", "5"]
+    ivf += ["--serving-index", "IVF64,Flat", "--serving-nprobe", "64", "--no-progress", "--keep", "5"]
+    inputs = [
+        "--gallery",
+        str(paths["gallery"]),
+        "--ids",
+        str(paths["ids"]),
+        "--metadata",
+        str(paths["metadata"]),
+    ]
+    root = tmp_path / "inc"
+    assert main(["build", *inputs, "--root", str(root), "--memory-budget", "52MiB", *ivf]) == 0
+    assert artifact.read_manifest(root, artifact.current_version(root) or "").serving_index.ivfdata
+    rng = np.random.default_rng(4)
+    new = x[rng.choice(6_000, 30)] + 0.2 * rng.standard_normal((30, D)).astype(np.float32)
+    new_ids = [f"new-{i}" for i in range(30)]
+    meta = {"camera": np.arange(30) % 6, "ts": 10_000 + np.arange(30), "label": [f"q{i}" for i in range(30)]}
+    incremental.apply_change(root, incremental.Change("add", rows=new, ids=new_ids, metadata=meta))
+    gone = [f"img-{i:05d}" for i in rng.choice(6_000, 40, replace=False)] + ["new-3"]
+    incremental.apply_change(root, incremental.Change("del", delete=gone))
+    s = Searcher(artifact.load(root))
+    assert s.artifact.manifest.serving_index.ivfdata and isinstance(s.artifact.serving_index, DeltaIndex)
+    keep = [i for i in range(6_000) if f"img-{i:05d}" not in gone]
+    kept_new = [i for i in range(30) if i != 3]
+    rows = np.concatenate([x[keep], new[kept_new]])
+    ids = [f"img-{i:05d}" for i in keep] + [new_ids[i] for i in kept_new]
+    lines = [f"{i % 6},{i},p{i // 6}\n" for i in keep] + [f"{i % 6},{10_000 + i},q{i}\n" for i in kept_new]
+    full_in = write_gallery(tmp_path / "full_in", rows, with_ids=False, with_metadata=False)
+    (tmp_path / "full_in" / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    (tmp_path / "full_in" / "meta.csv").write_text("camera,ts,label\n" + "".join(lines))
+    full_inputs = ["--gallery", str(full_in["gallery"]), "--ids", str(tmp_path / "full_in" / "ids.txt")]
+    full_inputs += ["--metadata", str(tmp_path / "full_in" / "meta.csv")]
+    assert main(["build", *full_inputs, "--root", str(tmp_path / "full"), *ivf]) == 0
+    f = Searcher(artifact.load(tmp_path / "full"))
+    queries = np.concatenate([new[:6], x[::600] + 0.01]).astype(np.float32)
+    rare = {"ts": {"in": [10_001, 10_003, 10_007, 17]}}
+    for kwargs in (
+        {},
+        {"raw": True},
+        {"expand": False},
+        {"filters": {"camera": 2}},
+        {"filters": {"camera": {"in": [1, 4]}}, "raw": True},
+        {"filters": rare},  # fewer allowed rows than k
+        {"min_score": 0.8},
+    ):
+        same_hits(s, s.search(queries, 10, **kwargs), f, f.search(queries, 10, **kwargs))
+    hits = s.search(queries, 10, filters=rare)
+    assert {s.external_id(h.row) for row in hits for h in row} <= {"new-1", "img-00017", "new-7"} - set(gone)
+    for name in ("new-5", "img-00100"):  # search by id: the row's own raw vector, plain kNN
+        if name not in gone:
+            assert s.external_id(s.search(s.raw_rows([s.row_of(name)]), 1, raw=True)[0][0].row) == name
+    deleted = {g: x[int(g[4:])] for g in gone if g.startswith("img-")} | {"new-3": new[3]}
+    check_deleted_never_used(s, deleted, queries)
