@@ -75,12 +75,18 @@ class DeltaIndex:
         self._in_delta[pos] = True
 
     def search(
-        self, u: np.ndarray, k: int, mask: np.ndarray | None = None, nprobe: int | None = None
+        self,
+        u: np.ndarray,
+        k: int,
+        mask: np.ndarray | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` view positions for normalised queries ``u`` (q, d): (sims, ids) (q, k).
 
-        ``mask`` (n,) bool over view positions admits only those rows; ``nprobe`` overrides the
-        manifest's (an IVF base). Fewer than ``k`` found: ids ``-1``, sims ``-inf`` at the end.
+        ``mask`` (n,) bool over view positions admits only those rows; ``nprobe`` (an IVF base)
+        or ``ef_search`` (HNSW) override the manifest's. Fewer than ``k`` found: ids ``-1``,
+        sims ``-inf`` at the end.
         """
         q = np.ascontiguousarray(u, dtype=np.float32)
         if mask is None:
@@ -92,11 +98,12 @@ class DeltaIndex:
             count, delta_mask = int(base_ok.sum()), mask[self.pos]
         parts_s, parts_i = [], []
         if count:
-            if mask is None and nprobe is None:
+            if mask is None and nprobe is None and ef_search is None:
                 params = self._fresh_params
             else:
                 sel = bitmap_selector(self.fresh if mask is None else base_ok)
-                params = parameters_with_selector(self.base, sel, nprobe or self.nprobe, self.ef_search)
+                ef = ef_search or self.ef_search
+                params = parameters_with_selector(self.base, sel, nprobe or self.nprobe, ef)
             sims, ids = self.base.search(q, min(k, count), params=params)
             view_ids = np.where(ids >= 0, self.to_view[np.maximum(ids, 0)], -1)
             parts_s.append(np.where(view_ids >= 0, sims, -np.inf).astype(np.float32))

@@ -175,11 +175,14 @@ class Searcher:
             return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
         want = min(k, allowed)
         sims, ids = index.search(u, want, mask)
-        if (ids < 0).any() and index.nlist:  # a filter or the stale mask emptied the probed lists
-            sims, ids = index.search(u, want, mask, nprobe=index.nlist)
-        if (ids < 0).any():
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        if len(short):  # a filter or the stale mask emptied the probed lists / HNSW candidates
+            wider = {"nprobe": index.nlist} if index.nlist else {"ef_search": 8 * (index.ef_search or 16)}
+            sims[short], ids[short] = index.search(u[short], want, mask, **wider)
+            short = short[(ids[short] < 0).any(axis=1)]
+        if len(short):  # still short: exactly, for those queries only
             rows = np.arange(self.n) if mask is None else np.flatnonzero(mask)
-            sims, ids = self._exact_subset(u, want, rows)
+            sims[short], ids[short] = self._exact_subset(u[short], want, rows)
         return sims, ids
 
     def _level0_search(self, u: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:

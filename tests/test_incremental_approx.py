@@ -72,6 +72,22 @@ def check_added_found(s: Searcher, added: dict[str, np.ndarray]) -> None:
         assert [s.external_id(int(i)) for i in index.search(own, 1, nprobe=4)[1][:, 0]] == names
 
 
+def check_filtered(s: Searcher, rng: np.random.Generator, exact: bool) -> None:
+    """A filter over view positions composes with the stale mask (delta rows included)."""
+    index = s.artifact.serving_index
+    assert isinstance(index, DeltaIndex)
+    allowed = np.zeros(s.n, dtype=bool)
+    allowed[rng.choice(s.n, 40, replace=False)] = True
+    allowed[index.pos[: len(index.pos) // 2]] = True
+    u, _ = aqe.normalize_rows(rng.standard_normal((8, D)).astype(np.float32))
+    sims, ids = index.search(u, 10, allowed)
+    assert allowed[ids[ids >= 0]].all()
+    if exact:  # brute force over the served rows the filter admits
+        rows = np.flatnonzero(allowed)
+        truth = u @ index.reconstruct_batch(rows).T
+        np.testing.assert_allclose(sims, -np.sort(-truth, axis=1)[:, :10], atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 @settings(max_examples=3, deadline=None, suppress_health_check=list(HealthCheck))
@@ -109,6 +125,7 @@ def test_adds_and_deletes_over_ivf_and_hnsw(tmp_path_factory, kind, seed, qe_tim
     if added:
         check_added_found(s, added)
     check_deleted_never_used(s, gone, queries)
+    check_filtered(s, rng, exact=kind == "ivf")
     if kind == "ivf":  # exact at nprobe = nlist: what a full build over the resulting rows serves
         build(tmp / "full", np.array(list(rows.values())), list(rows), options, qe_times)
         full = Searcher(artifact.load(tmp / "full"))
