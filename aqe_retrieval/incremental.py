@@ -18,6 +18,11 @@ at the ``qe_k`` boundary, float tolerance in the values). With an approximate gr
 rows get exact neighbours and the rest keep the approximate ones; the manifest keeps saying
 the graph is approximate. Cost per level: ``|R_t| x N`` + ``N x |C_t|`` dot products.
 
+Any version ``build`` makes is accepted: approximate serving or expansion indexes (IVF, HNSW,
+SQ8/PQ codes, on-disk lists) are never rebuilt nor read back; the delta version serves them
+masked beside its delta rows (:mod:`aqe_retrieval.overlay`). Float16 levels are read as float32
+(their stored values) and the new rows stored back as float16 by the artifact.
+
 The same code serves ``index-builder add``/``delete`` and the service's optional admin routes,
 so it lives in the core (the service never imports the builder).
 """
