@@ -10,8 +10,11 @@ serves it as a full build's index over the version's rows would be served:
   position is in the level's delta ``pos``); its ids are mapped to view positions
   (:meth:`aqe_retrieval.delta.View.renumber`);
 * the delta rows (changed and appended, ``delta_level_<t>_rows.npy``) are searched exactly
-  (BLAS over ``m x d`` float32, :func:`~aqe_retrieval.faiss_search.serving_knn`), their local
-  ids mapped to their positions;
+  by FAISS's flat kNN over ``m x d`` float32 (:func:`~aqe_retrieval.faiss_search.exact_knn`),
+  their local ids mapped to their positions. Not numpy's BLAS: right after a FAISS search it
+  cost 14-17 ms a query here against FAISS's 0.1-0.3 ms (13,594 x 64, 1 thread, measured with
+  ``benchmarks/bench_incremental.py``'s version; numpy's OpenBLAS threads wait on the cores
+  FAISS's OpenMP threads still spin on);
 * both lists are merged per query into the top ``k``.
 
 A filter (``mask`` over view positions) composes with the stale mask: the base bitmap is the
@@ -33,7 +36,7 @@ import faiss
 import numpy as np
 
 from aqe_retrieval.delta import View
-from aqe_retrieval.faiss_search import bitmap_selector, parameters_with_selector, serving_knn
+from aqe_retrieval.faiss_search import bitmap_selector, exact_knn, parameters_with_selector
 
 
 class DeltaIndex:
@@ -108,11 +111,13 @@ class DeltaIndex:
             view_ids = np.where(ids >= 0, self.to_view[np.maximum(ids, 0)], -1)
             parts_s.append(np.where(view_ids >= 0, sims, -np.inf).astype(np.float32))
             parts_i.append(view_ids)
-        allowed_delta = len(self.pos) if delta_mask is None else int(delta_mask.sum())
-        if allowed_delta:
-            sims, local = serving_knn(q, self.rows, min(k, allowed_delta), delta_mask)
+        pos, rows = self.pos, self.rows
+        if delta_mask is not None:  # the admitted delta rows (a copy: the delta is small)
+            pos, rows = pos[delta_mask], rows[delta_mask]
+        if len(pos):
+            sims, local = exact_knn(q, rows, min(k, len(pos)))
             parts_s.append(np.where(local >= 0, sims, -np.inf).astype(np.float32))
-            parts_i.append(np.where(local >= 0, self.pos[np.maximum(local, 0)], -1))
+            parts_i.append(np.where(local >= 0, pos[np.maximum(local, 0)], -1))
         return merge(parts_s, parts_i, len(q), k)
 
     def reconstruct_batch(self, view_rows: np.ndarray) -> np.ndarray:
