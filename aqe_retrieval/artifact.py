@@ -69,6 +69,7 @@ from pydantic import ValidationError
 
 from aqe_retrieval import delta, overlay
 from aqe_retrieval.errors import ArtifactError, LockedError
+from aqe_retrieval.logs import native_stdout_to_stderr
 from aqe_retrieval.manifest import (
     DELTA_FORMAT_VERSION,
     LEVEL_DTYPES,
@@ -869,7 +870,11 @@ def _read_index(path: Path, n: int, d: int, mmap: bool = False, ondisk: bool = F
         # and FAISS maps it itself (read-only). SAME_DIR needs a file reader, so no MMAP_IFC.
         flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
     try:
-        index = faiss.read_index(str(path), flags)
+        if ondisk:
+            with native_stdout_to_stderr():  # FAISS prints a line there on every such load
+                index = faiss.read_index(str(path), flags)
+        else:
+            index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise ArtifactError(f"{path.name}: FAISS cannot read it ({exc})") from exc
     if index.ntotal != n or index.d != d:

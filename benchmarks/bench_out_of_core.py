@@ -45,7 +45,10 @@ def build(data: Path, root: Path, args: argparse.Namespace, budget: str | None) 
         charged = cg.max_usage()
     if done.returncode != 0:
         raise RuntimeError(f"build failed ({done.returncode}): {done.stderr[-2000:]}")
-    summary = json.loads(done.stdout)
+    try:
+        summary = json.loads(done.stdout)
+    except json.JSONDecodeError as exc:
+        raise RuntimeError(f"the build's stdout is not its JSON summary: {done.stdout[:500]!r}") from exc
     return {"seconds": seconds, "anon": cg.peak_rss, "charged": charged, "summary": summary}
 
 

@@ -6,6 +6,7 @@ it publishes with an unlimited build of the same gallery.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -155,6 +156,23 @@ def test_an_over_budget_phase_fails_before_the_work(tmp_path, caplog):
     assert "serving index must be held in memory" in caplog.text
     assert "needs a budget of at least" in caplog.text
     assert not (tmp_path / "root").exists() or artifact.current_version(tmp_path / "root") is None
+
+
+def test_stdout_carries_only_the_json_summary_out_of_core(tmp_path):
+    # FAISS printf()s a line on stdout whenever it loads on-disk lists: in a subprocess (C's
+    # stdout buffer is flushed at exit) it used to precede the summary and break its JSON.
+    np.save(tmp_path / "g.npy", clustered_data(6_000, 32, seed=2))
+    args = _build(tmp_path / "g.npy", tmp_path / "root", "--knn", "IVF32,Flat", "--memory-budget", "52MiB")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "index_builder.cli", *args], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout)
+    assert summary["n"] == 6_000
+    assert artifact.read_manifest(tmp_path / "root", summary["version"]).serving_index.ivfdata
+    assert "updating ondisk filename" in done.stderr  # still said, where logs go
 
 
 def test_out_of_core_serves_what_the_resident_build_serves(tmp_path):
