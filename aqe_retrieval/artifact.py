@@ -37,7 +37,11 @@ appended rows' ids and metadata), and per level ``delta_level_<t>_{pos,rows,norm
 ``delta_graph_<t>_{pos,ids,sims}.npy`` (the rows whose values or neighbours changed, by their
 position in the version; ``t = qe_times`` is the served level). :func:`load` presents it as a
 full build would: the base rows not deleted, in order, then the appended rows (compacted, so row
-numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`.
+numbers are a full build's over the same gallery), through :mod:`aqe_retrieval.delta`. The
+base's approximate indexes (serving or expansion, any kind, on-disk lists included) are read
+from their hard-linked files and served masked, with the delta rows beside them
+(:class:`aqe_retrieval.overlay.DeltaIndex`); a flat serving index is rebuilt over the view. Delta
+rows are stored in their level's dtype (float16 levels: float16), the served level in float32.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ import faiss
 import numpy as np
 from pydantic import ValidationError
 
-from aqe_retrieval import delta
+from aqe_retrieval import delta, overlay
 from aqe_retrieval.errors import ArtifactError, LockedError
 from aqe_retrieval.logs import native_stdout_to_stderr
 from aqe_retrieval.manifest import (
@@ -331,7 +335,8 @@ class Staging:
     ) -> DeltaEntry:
         """Store a delta over the linked base: see the module docstring for what each file holds.
 
-        ``levels[t]`` = (positions, normalised rows, norms or None); ``graphs[t]`` = (positions,
+        ``levels[t]`` = (positions, normalised rows, norms or None), the rows stored in level
+        ``t``'s dtype (the served level ``qe_times``: float32); ``graphs[t]`` = (positions,
         ids, sims); ``appended_metadata`` in the order of the base's metadata columns.
         """
         entry = DeltaEntry(base_version=base_version, base_n=base_n, dead="delta_dead.npy", appended=appended)
@@ -345,7 +350,9 @@ class Staging:
         for t, (pos, rows, norms) in enumerate(levels):
             lv = DeltaLevel(level=t, pos=f"delta_level_{t}_pos.npy", rows=f"delta_level_{t}_rows.npy")
             np.save(self.path / lv.pos, np.asarray(pos, dtype=np.int64))
-            np.save(self.path / lv.rows, np.ascontiguousarray(rows, dtype=np.float32))
+            # stored in the level's dtype (float16 levels: float16 deltas); the served level is float32
+            dtype = np.dtype(self.levels[t].dtype) if t < len(self.levels) else np.dtype(np.float32)
+            np.save(self.path / lv.rows, np.ascontiguousarray(rows, dtype=dtype))
             if norms is not None:
                 lv.norms = f"delta_level_{t}_norms.npy"
                 np.save(self.path / lv.norms, np.asarray(norms, dtype=np.float32))
@@ -732,36 +739,38 @@ def _load_delta(root: Path, manifest: Manifest, base: Path, mode: Literal["r"] |
     if sorted(over) != list(range(manifest.qe_times + 1)):
         raise ArtifactError(f"version {manifest.version}: delta levels {sorted(over)}")
 
-    def overrides(t: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def overrides(t: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         lv = over[t]
         pos = _load_npy(base / lv.pos, None, None, np.int64)
-        rows = _load_npy(base / lv.rows, None, (len(pos), d), np.float32)
+        rows = _load_npy(base / lv.rows, None, (len(pos), d), dtype)
         norms = _load_npy(base / lv.norms, None, (len(pos),), np.float32) if lv.norms else None
         return pos, rows, norms
 
+    mmap = mode is not None
     levels = []
     for entry in manifest.levels:
-        if entry.index:
-            raise ArtifactError(
-                f"version {manifest.version}: a delta over an expansion index is not supported"
-            )
-        pos, rows, norms = overrides(entry.level)
+        dtype = np.dtype(entry.dtype)
+        pos, rows, norms = overrides(entry.level, dtype)
         if norms is None:
             raise ArtifactError(f"version {manifest.version}: delta level {entry.level} has no norms")
-        base_rows = _load_npy(base / entry.rows, mode, (nb, d), np.float32)
+        base_rows = _load_npy(base / entry.rows, mode, (nb, d), dtype)
         base_norms = _load_npy(base / entry.norms, mode, (nb,), np.float32)
+        index = None
+        if entry.index:  # the base's index, hard-linked, masked and overlaid (aqe_retrieval.overlay)
+            base_index = _read_index(base / entry.index, nb, d, mmap, entry.ivfdata is not None)
+            index = overlay.DeltaIndex(base_index, view, pos, rows, entry.nprobe, entry.ef_search)
         levels.append(
-            Level(view.apply(base_rows, pos, rows), view.apply(base_norms, pos, norms), None, entry)
+            Level(view.apply(base_rows, pos, rows), view.apply(base_norms, pos, norms), index, entry)
         )
-    served = _read_index(base / manifest.serving_index.file, nb, d, False)
-    if not isinstance(served, faiss.IndexFlat):
-        raise ArtifactError(
-            f"version {manifest.version}: a delta over a {type(served).__name__} is not supported"
-        )
-    pos, rows, _ = overrides(manifest.qe_times)
-    final = view.apply(served.reconstruct_n(0, nb), pos, rows)
-    serving = faiss.IndexFlatIP(d)
-    serving.add(final)
+    s = manifest.serving_index
+    pos, rows, _ = overrides(manifest.qe_times, np.dtype(np.float32))
+    served = _read_index(base / s.file, nb, d, mmap, bool(s.ivfdata))
+    serving: Any
+    if isinstance(served, faiss.IndexFlat):  # exact: one flat index over the view (BLAS search)
+        serving = faiss.IndexFlatIP(d)
+        serving.add(view.apply(served.reconstruct_n(0, nb), pos, rows))
+    else:
+        serving = overlay.DeltaIndex(served, view, pos, rows, s.nprobe, s.ef_search)
     ids = None
     if manifest.ids_file:
         if dl.ids is None:
@@ -805,6 +814,22 @@ def delta_dead(art: Artifact) -> np.ndarray:
     if m.delta is None:
         return np.empty(0, np.int64)
     return _load_npy(version_dir(art.root, m.version) / m.delta.dead, None, None, np.int64)
+
+
+def delta_served_rows(art: Artifact) -> tuple[np.ndarray, np.ndarray]:
+    """The served rows a delta version stores: (view positions, rows (len, d) float32).
+
+    Empty for a full build. Only these of the served level are ever rewritten by the next
+    add/delete (the rows it re-expands are computed afresh), so the base's serving index is
+    never read back: SQ8/PQ codes cannot reconstruct a row exactly.
+    """
+    m = art.manifest
+    if m.delta is None:
+        return np.empty(0, np.int64), np.empty((0, m.d), np.float32)
+    base = version_dir(art.root, m.version)
+    lv = next(x for x in m.delta.levels if x.level == m.qe_times)
+    pos = _load_npy(base / lv.pos, None, None, np.int64)
+    return pos, _load_npy(base / lv.rows, None, (len(pos), m.d), np.float32)
 
 
 def delta_positions(art: Artifact) -> tuple[list[np.ndarray], list[np.ndarray]]:

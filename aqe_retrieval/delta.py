@@ -4,9 +4,10 @@ Pure numpy, no I/O (:mod:`aqe_retrieval.artifact` reads the files). A version's 
 its rows as a full build over the same gallery would: the base's surviving rows in base order
 (positions ``0 .. alive - 1``), then the appended rows in the order they were added. Deleted
 rows are compacted away rather than kept as tombstones, so nothing downstream (the searcher,
-online expansion, filters, the service) needs a mask: a deleted row is simply not there.
-Memory: a view materialises each array it presents (``n * d * 4`` bytes a level) instead of
-memory-mapping it; the next full build returns to memory-mapped files.
+online expansion, filters, the service) needs a mask: a deleted row is simply not there. Only
+the base's approximate indexes still number base rows: :mod:`aqe_retrieval.overlay` masks and
+renumbers them. Memory: a view materialises each array it presents (``n * d`` values a level)
+instead of memory-mapping it; the next full build returns to memory-mapped files.
 """
 
 from __future__ import annotations

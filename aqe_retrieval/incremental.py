@@ -18,6 +18,11 @@ at the ``qe_k`` boundary, float tolerance in the values). With an approximate gr
 rows get exact neighbours and the rest keep the approximate ones; the manifest keeps saying
 the graph is approximate. Cost per level: ``|R_t| x N`` + ``N x |C_t|`` dot products.
 
+Any version ``build`` makes is accepted: approximate serving or expansion indexes (IVF, HNSW,
+SQ8/PQ codes, on-disk lists) are never rebuilt nor read back; the delta version serves them
+masked beside its delta rows (:mod:`aqe_retrieval.overlay`). Float16 levels are read as float32
+(their stored values) and the new rows stored back as float16 by the artifact.
+
 The same code serves ``index-builder add``/``delete`` and the service's optional admin routes,
 so it lives in the core (the service never imports the builder).
 """
@@ -29,7 +34,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 from aqe_retrieval import aqe, artifact, delta
@@ -78,12 +82,18 @@ def apply_change(root: Path, change: Change, keep: int = 3) -> Outcome:
         art = artifact.load(root, current, check=False)
         keep_mask, added, added_ids, added_meta = _resolve(art, change)
         graphs = artifact.load_graphs(art)
-        old_levels = [(np.asarray(lv.rows), np.asarray(lv.norms)) for lv in art.levels]
+        # float16 levels are computed on in float32 (their stored values), deltas stored as float16
+        old_levels = [(np.asarray(lv.rows, np.float32), np.asarray(lv.norms)) for lv in art.levels]
         if graphs is None:  # a version built before graphs were stored: recompute them exactly
             graphs = [exact_knn(u, u, parent.effective_qe_k)[::-1] for u, _ in old_levels]
-        old_final = art.serving_index.reconstruct_n(0, parent.n)
         result = propagate(
-            old_levels, old_final, graphs, keep_mask, added, parent.effective_qe_k, parent.alpha
+            old_levels,
+            artifact.delta_served_rows(art),
+            graphs,
+            keep_mask,
+            added,
+            parent.effective_qe_k,
+            parent.alpha,
         )
         old_pos = artifact.delta_positions(art)
         # the change log (the next full build folds it in) is durable before the version exists
@@ -110,15 +120,6 @@ def _resolve(
     art: artifact.Artifact, change: Change
 ) -> tuple[np.ndarray, np.ndarray, list[str] | None, dict[str, np.ndarray]]:
     m = art.manifest
-    if any(lv.index is not None for lv in art.levels):
-        raise InputError(
-            f"version {m.version} has an approximate expansion index: add/delete needs a rebuild"
-        )
-    if any(lv.entry.dtype != "float32" for lv in art.levels):
-        # a delta version overrides rows in float32; float16 levels would be re-read lossy
-        raise InputError(f"version {m.version} has float16 levels: add/delete needs a rebuild")
-    if not isinstance(art.serving_index, faiss.IndexFlat):
-        raise InputError(f"version {m.version}: add/delete supports an exact serving index only; rebuild")
     keep_mask = np.ones(m.n, dtype=bool)
     ids = None if art.ids is None else np.asarray(art.ids)
     if change.delete:
@@ -179,7 +180,7 @@ class Propagation:
     """The new levels (normalised rows, norms), served rows, graphs, and what changed where."""
 
     levels: list[tuple[np.ndarray, np.ndarray]]
-    final: np.ndarray
+    final: np.ndarray  # (n, d): valid at the positions it stores (the parent's delta, changed rows)
     graphs: list[tuple[np.ndarray, np.ndarray]]
     changed: list[np.ndarray]  # per level 0 .. T: positions whose values changed (new numbering)
     graph_changed: list[np.ndarray]  # per level 0 .. T-1
@@ -187,7 +188,7 @@ class Propagation:
 
 def propagate(
     old_levels: list[tuple[np.ndarray, np.ndarray]],
-    old_final: np.ndarray,
+    old_final: tuple[np.ndarray, np.ndarray],
     old_graphs: list[tuple[np.ndarray, np.ndarray]],
     keep: np.ndarray,
     added: np.ndarray,
@@ -196,8 +197,10 @@ def propagate(
 ) -> Propagation:
     """Levels and graphs of ``old[keep]`` followed by ``added``, recomputing only what changed.
 
-    ``old_levels`` per level (u (n, d) float32 normalised, norms (n,)), ``old_final`` (n, d)
-    the served normalised rows, ``old_graphs`` per level (ids (n, k) int64, sims (n, k)),
+    ``old_levels`` per level (u (n, d) float32 normalised, norms (n,)), ``old_final`` the
+    served normalised rows the parent stores (positions, rows): the served level is written
+    only at those and at the re-expanded rows, so no other served row is needed (the base's
+    serving index may be lossy: SQ8, PQ); ``old_graphs`` per level (ids (n, k) int64, sims (n, k)),
     ``keep`` (n,) bool, ``added`` (m, d) raw. Peak memory: two copies of the levels plus
     ``CHUNK x |C_t|`` floats of one entry block and ``CHUNK x k x d`` of one expansion chunk.
     """
@@ -232,7 +235,10 @@ def propagate(
             norms = np.concatenate([old_levels[t + 1][1][keep], np.empty(m, np.float32)])
             u[nxt], norms[nxt] = new_u, new_norms
         else:
-            out.final = np.concatenate([np.asarray(old_final)[keep], np.empty((m, u.shape[1]), np.float32)])
+            # zeros (calloc: untouched pages cost nothing) except where a value is known
+            out.final = np.zeros((n, u.shape[1]), np.float32)
+            moved = renumber[old_final[0]]
+            out.final[moved[moved >= 0]] = old_final[1][moved >= 0]
             out.final[nxt] = new_u
         changed = nxt
         out.changed.append(changed)

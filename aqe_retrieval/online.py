@@ -24,6 +24,7 @@ from aqe_retrieval.faiss_search import (
     search_parameters,
     serving_knn,
 )
+from aqe_retrieval.overlay import DeltaIndex
 
 BY_LISTS_MIN = 32
 """From this many queries at once, a level index with on-disk lists is searched list by list."""
@@ -63,13 +64,22 @@ def gallery_level(
     """A :class:`GalleryLevel` searched exactly, or through ``index`` with per-call parameters.
 
     ``rows`` (n, d) float32 or float16 (a memmap: a query reads only its neighbours' rows). Exactly
-    is :func:`exact_rows`. A memmap is kept as a plain ndarray view of the same mapping: indexing
-    a ``np.memmap`` builds a memmap object per result, measured at 4.7 against 3.3 us a query's
-    neighbour rows (200,000 x 256).
+    is :func:`exact_rows`. ``index`` may be a delta version's
+    :class:`~aqe_retrieval.overlay.DeltaIndex` (its own nprobe/efSearch; with on-disk lists it
+    is searched per query, not list by list: the stale mask travels as a selector). A memmap is
+    kept as a plain ndarray view of the same mapping: indexing a ``np.memmap`` builds a memmap
+    object per result, measured at 4.7 against 3.3 us a query's neighbour rows (200,000 x 256).
     """
     rows, norms = _plain(rows), _plain(norms)
     if index is None:
         return GalleryLevel(rows, norms, lambda u, k: exact_rows(u, rows, k))
+    if isinstance(index, DeltaIndex):  # a delta version: the base index masked, plus the delta rows
+
+        def search_delta(u: np.ndarray, k: int) -> np.ndarray:
+            ids = index.search(u, k)[1]
+            return exact_rows(u, rows, k) if (ids < 0).any() else ids
+
+        return GalleryLevel(rows, norms, search_delta)
     params = search_parameters(index, nprobe, ef_search)
     ondisk = has_ondisk_lists(index)
 

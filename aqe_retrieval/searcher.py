@@ -41,6 +41,7 @@ from aqe_retrieval.faiss_search import (
 )
 from aqe_retrieval.filters import DEFAULT_MAX_VALUES, filter_mask
 from aqe_retrieval.online import expand_online, gallery_level
+from aqe_retrieval.overlay import DeltaIndex
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ class Searcher:
         self.alpha = art.manifest.alpha
         s = art.manifest.serving_index
         self._serving_params = (s.nprobe, s.ef_search)
-        self._ivf = faiss.try_extract_index_ivf(art.serving_index)
+        delta_index = isinstance(art.serving_index, DeltaIndex)
+        self._ivf = None if delta_index else faiss.try_extract_index_ivf(art.serving_index)
         # A flat serving index is searched over its rows by serving_knn (a GEMV for one query:
         # 2.2x faster than FAISS at 200,000 x 256). Memory-mapped codes are usually unaligned,
         # which numpy's BLAS path refuses: then a private aligned copy (n * d * 4 bytes per
@@ -146,6 +148,8 @@ class Searcher:
             return self._masked_exact(u, k, mask, self._flat)
         index = self.artifact.serving_index
         nprobe, ef = self._serving_params
+        if isinstance(index, DeltaIndex):  # a delta version over an approximate base
+            return self._delta_search(index, u, k, mask)
         if mask is None:
             return index.search(u, k, params=search_parameters(index, nprobe, ef))
         allowed = int(mask.sum())
@@ -162,6 +166,25 @@ class Searcher:
             sims, ids = self._exact_subset(u, want, np.flatnonzero(mask))
         return sims, ids
 
+    def _delta_search(
+        self, index: DeltaIndex, u: np.ndarray, k: int, mask: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The serving search of a :class:`DeltaIndex`, falling back as :meth:`_serving_search` does."""
+        allowed = self.n if mask is None else int(mask.sum())
+        if allowed == 0:
+            return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
+        want = min(k, allowed)
+        sims, ids = index.search(u, want, mask)
+        short = np.flatnonzero((ids < 0).any(axis=1))
+        if len(short):  # a filter or the stale mask emptied the probed lists / HNSW candidates
+            wider = {"nprobe": index.nlist} if index.nlist else {"ef_search": 8 * (index.ef_search or 16)}
+            sims[short], ids[short] = index.search(u[short], want, mask, **wider)
+            short = short[(ids[short] < 0).any(axis=1)]
+        if len(short):  # still short: exactly, for those queries only
+            rows = np.arange(self.n) if mask is None else np.flatnonzero(mask)
+            sims[short], ids[short] = self._exact_subset(u[short], want, rows)
+        return sims, ids
+
     def _level0_search(self, u: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Plain kNN over level 0 (the normalised raw rows): its index if it has one, else exact."""
         level = self.artifact.levels[0]
@@ -170,7 +193,11 @@ class Searcher:
         if index is None:
             return self._masked_exact(u, k, mask, rows)
         nprobe, ef = level.entry.nprobe, level.entry.ef_search
-        if mask is None:
+        if isinstance(index, DeltaIndex):
+            if mask is not None and not mask.any():
+                return np.empty((len(u), 0), np.float32), np.empty((len(u), 0), np.int64)
+            sims, ids = index.search(u, k if mask is None else min(k, int(mask.sum())), mask)
+        elif mask is None:
             sims, ids = index.search(u, k, params=search_parameters(index, nprobe, ef))
         else:
             if not mask.any():

@@ -3,7 +3,11 @@
     PYTHONPATH=$PWD python3 benchmarks/bench_incremental.py --n 100000 --d 64 --work /tmp/bench-inc
 
 Prints each step's seconds, the ratio to the full build, and the disk each new version adds
-(files not hard-linked from its parent) against a full version's size.
+(files not hard-linked from its parent) against a full version's size. The build uses the
+default settings (``auto``: approximate graph, serving and expansion indexes at this size);
+``--exact`` builds exact ones instead. For each version it also prints the indexes served, the
+delta's served rows (searched exactly beside the masked base index, ``aqe_retrieval/overlay.py``)
+and the median latency of single-query searches (1 FAISS thread).
 """
 
 from __future__ import annotations
@@ -14,10 +18,15 @@ import shutil
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from aqe_retrieval import artifact
+from aqe_retrieval.overlay import DeltaIndex
+from aqe_retrieval.searcher import Searcher
 from index_builder.cli import main
+
+EXACT = ["--knn", "exact", "--serving-index", "exact", "--expansion-index", "exact"]
 
 
 def new_bytes(root: Path, version: str) -> int:
@@ -26,7 +35,28 @@ def new_bytes(root: Path, version: str) -> int:
     return sum(p.stat().st_size for p in base.iterdir() if p.stat().st_nlink == 1)
 
 
-def run(n: int, d: int, work: Path, qe_times: int) -> None:
+def describe(root: Path, queries: np.ndarray) -> str:
+    """The current version's indexes, delta size and median single-query latency."""
+    art = artifact.load(root)
+    s = Searcher(art)
+    m = art.manifest
+    kinds = [m.serving_index.spec, *(lv.index_type for lv in m.levels)]
+    delta = art.serving_index.pos.size if isinstance(art.serving_index, DeltaIndex) else 0
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        s.search(queries[:1], 10)
+        times = []
+        for q in queries:
+            t = time.perf_counter()
+            s.search(q[None], 10)
+            times.append(time.perf_counter() - t)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return f"indexes {kinds}, delta served rows {delta}, {1000 * np.median(times):.2f} ms/query"
+
+
+def run(n: int, d: int, work: Path, qe_times: int, exact: bool) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -38,11 +68,13 @@ def run(n: int, d: int, work: Path, qe_times: int) -> None:
     gone = rng.choice(n, n // 200, replace=False)
     (work / "del.txt").write_text("".join(f"r{i}\n" for i in gone))
     root = work / "root"
-    opts = ["--knn", "exact", "--serving-index", "exact", "--expansion-index", "exact", "--no-progress"]
+    opts = [*(EXACT if exact else []), "--no-progress"]
+    queries = rng.standard_normal((200, d)).astype(np.float32)
     t = time.perf_counter()
     main(["build", "--gallery", str(work / "g.npy"), "--ids", str(work / "ids.txt"), "--root", str(root),
           "--qe-times", str(qe_times), "--keep", "10", *opts])  # fmt: skip
     t_build = time.perf_counter() - t
+    built = describe(root, queries)
     full = sum(
         p.stat().st_size for p in artifact.version_dir(root, artifact.current_version(root) or "").iterdir()
     )
@@ -50,16 +82,18 @@ def run(n: int, d: int, work: Path, qe_times: int) -> None:
     main(["add", "--root", str(root), "--gallery", str(work / "add.npy"), "--ids", str(work / "add.txt")])
     t_add = time.perf_counter() - t
     added = new_bytes(root, artifact.current_version(root) or "")
+    after_add = describe(root, queries)
     t = time.perf_counter()
     main(["delete", "--root", str(root), "--ids", str(work / "del.txt")])
     t_del = time.perf_counter() - t
     deleted = new_bytes(root, artifact.current_version(root) or "")
-    print(f"n={n} d={d} qe_times={qe_times}: full build {t_build:.2f}s, {full / 2**20:.1f} MiB")
+    after_delete = describe(root, queries)
+    print(f"n={n} d={d} qe_times={qe_times}: full build {t_build:.2f}s, {full / 2**20:.1f} MiB; {built}")
     print(f"add {m} rows: {t_add:.2f}s ({t_add / t_build:.3f} of a build), {added / 2**20:.2f} MiB "
-          f"({added / full:.3f} of a version)")  # fmt: skip
+          f"({added / full:.3f} of a version); {after_add}")  # fmt: skip
     print(f"delete {len(gone)} rows: {t_del:.2f}s ({t_del / t_build:.3f} of a build), "
           f"{deleted / 2**20:.2f} MiB "
-          f"({deleted / full:.3f} of a version)")  # fmt: skip
+          f"({deleted / full:.3f} of a version); {after_delete}")  # fmt: skip
 
 
 if __name__ == "__main__":
@@ -69,5 +103,6 @@ if __name__ == "__main__":
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--qe-times", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-incremental"))
+    p.add_argument("--exact", action="store_true", help="exact graph, serving and expansion indexes")
     a = p.parse_args()
-    run(a.n, a.d, a.work, a.qe_times)
+    run(a.n, a.d, a.work, a.qe_times, a.exact)

@@ -23,6 +23,7 @@ import numpy as np
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import InputError
 from index_builder.inputs import EmbeddingSource, Shard, open_embeddings
+from index_builder.urls import Location
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class Filtered:
     keep: np.ndarray
 
     @property
-    def path(self) -> Path:
+    def path(self) -> Location:
         return self.shard.path
 
     @property
@@ -51,7 +52,7 @@ class Filtered:
         return self.shard.dtype
 
     @property
-    def files(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[Location, ...]:
         return self.shard.files
 
     @property

@@ -43,6 +43,7 @@ from index_builder.graph_auto import GRAPH_EXACT_MAX_N
 from index_builder.inputs import ParquetColumns, open_embeddings, read_metadata
 from index_builder.knn import EXACT_KERNELS, GRAPH_RECALL_TARGET, SYMMETRIC_MIN_N, KnnSpec
 from index_builder.storage import ArrayStore
+from index_builder.urls import location
 
 logger = logging.getLogger("index_builder")
 
@@ -149,7 +150,11 @@ def _add_aqe_options(p: argparse.ArgumentParser) -> None:
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--gallery", type=Path, required=True, help=".npy or Parquet file, or a directory of either's shards"
+        "--gallery",
+        type=location,
+        required=True,
+        help=".npy or Parquet file, or a directory of either's shards; a path or an fsspec URL "
+        "(s3://bucket/prefix, file:///..., any protocol whose package is installed)",
     )
     p.add_argument("--ids", type=Path, help="external ids, one per line (default: row numbers)")
     p.add_argument("--metadata", type=Path, help="CSV with a header, one row per embedding")

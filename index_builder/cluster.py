@@ -21,12 +21,14 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from index_builder.budget import bound_malloc
 from index_builder.progress import progress
 
 logger = logging.getLogger(__name__)
 
 _LOCAL = re.compile(r"^local:(\d+)$")
 TASK_SHARE = 4
+MAX_ROWS_PER_TASK = 16384
 """A task may use a quarter of its worker's memory limit: Dask spills and pauses from 60-80 %."""
 
 
@@ -35,13 +37,14 @@ class ClusterSpec:
     """Where the heavy phases run (``address``) and how they are cut into tasks.
 
     ``worker_bytes``: the memory one task may plan for (default: a quarter of the smallest
-    worker's limit, set on connecting); ``rows_per_task``: rows of a read, expand or merge task;
+    worker's limit, set on connecting); ``rows_per_task``: rows of a read, expand or merge task
+    (default: :meth:`rows_for`);
     ``tile``: tile side of the exact tile-pair tasks; ``group_bytes``: the members and probers
     one IVF list-group task holds. Any partitioning publishes the same result.
     """
 
     address: str
-    rows_per_task: int = 16384
+    rows_per_task: int | None = None
     tile: int | None = None
     group_bytes: int | None = None
     worker_bytes: int = 256 * 2**20
@@ -52,6 +55,16 @@ class ClusterSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+
+    def rows_for(self, d: int) -> int:
+        """Rows of a row-range task: ``rows_per_task``, else what fits ``worker_bytes`` (<= 16384).
+
+        A read task holds its rows twice (read, normalised) and an assignment task its rows and
+        their distances: ``16 d`` bytes a row leaves room for the worker's own arrays.
+        """
+        if self.rows_per_task is not None:
+            return self.rows_per_task
+        return max(256, min(MAX_ROWS_PER_TASK, self.worker_bytes // (16 * d)))
 
     def tile_for(self, d: int, k: int) -> int:
         """Tile side: ``tile``, else the largest of 2048, 1024, ... whose pair task fits."""
@@ -88,14 +101,20 @@ def connect(address: str, memory_limit: str | int = "auto") -> Iterator[Any]:
         ) from exc
     m = _LOCAL.match(check_address(address))
     if m:
-        cluster = LocalCluster(
-            n_workers=int(m.group(1)),
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            memory_limit=memory_limit,
-        )
+        import dask
+
+        # nannies restart a worker whose RSS passes 95 % of its limit, and RSS counts the file
+        # pages of the memory-mapped staging arrays (reclaimable): measured, a 77 MB gallery's
+        # level index killed 256 MiB workers four times over. The limit stays the tasks' plan.
+        with dask.config.set({"distributed.worker.memory.terminate": False}):
+            cluster = LocalCluster(
+                n_workers=int(m.group(1)),
+                threads_per_worker=1,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:0",
+                memory_limit=memory_limit,
+            )
         client = Client(cluster)
     else:
         cluster, client = None, Client(address)
@@ -119,7 +138,12 @@ def worker_memory(client: Any) -> int | None:
 
 @contextmanager
 def pinned_threads() -> Iterator[int]:
-    """Inside a task: OpenMP (FAISS) and BLAS threads limited to the worker's ``--nthreads``."""
+    """Inside a task: OpenMP (FAISS) and BLAS threads limited to the worker's ``--nthreads``.
+
+    glibc is also told to hand freed large blocks back (:func:`~index_builder.budget.bound_malloc`),
+    as an out-of-core build does: a worker's memory limit is its budget.
+    """
+    bound_malloc()
     try:
         from distributed import get_worker
 

@@ -14,6 +14,7 @@ from index_builder.expansion import DEFAULT_BLOCK_SIZE, AqeParams
 from index_builder.inputs import ParquetColumns
 from index_builder.knn import KnnSpec
 from index_builder.serving_auto import KINDS as SERVING_KINDS
+from index_builder.urls import Location
 
 AUTO = "auto"
 AUTO_EXACT_MAX_N = 10_000
@@ -93,7 +94,8 @@ class QualitySpec:
 class BuildConfig:
     """Everything one build needs; validated on construction."""
 
-    gallery: Path
+    gallery: Location
+    """The input: a local path or an fsspec URL (:mod:`index_builder.urls`)."""
     root: Path
     ids: Path | None = None
     metadata: Path | None = None

@@ -125,7 +125,7 @@ def build_on_cluster(config: BuildConfig) -> artifact.Manifest:
             spec.address,
             budget.format_size(spec.worker_bytes),
         )
-        plan = worker_plan(spec.worker_bytes, d, spec.rows_per_task)
+        plan = worker_plan(spec.worker_bytes, d, spec.rows_for(d))
         with artifact.staging(config.root) as stage:
             t1 = time.perf_counter()
             scratch = stage.scratch_dir()

@@ -5,7 +5,7 @@ hands out row ranges; workers open them (``r+``) and write their ranges. A task 
 rows it computes from inputs no task changes (level ``t`` from level ``t - 1``), so a rerun
 writes the same bytes. Per round::
 
-    read+normalise   one task per row range: source rows -> level_0 rows and norms
+    read+normalise   one task per row range: source rows (a path or fsspec URL) -> level_0
     kNN              dist_knn: tile pairs or train / assign / list groups, then merges
     expand           one task per row range: level t-1 rows, norms, graph -> level t, normalised
 
@@ -29,12 +29,13 @@ from index_builder.cluster import ClusterSpec, open_rows, pinned_threads, ranges
 from index_builder.expansion import EXPAND_CHUNK, AqeParams, ExpansionReport, RoundReport, expand_block
 from index_builder.inputs import bad_rows, open_embeddings, raise_for_bad_rows
 from index_builder.knn import KnnSpec
+from index_builder.urls import Location
 
 logger = logging.getLogger(__name__)
 
 
 def read_task(
-    gallery: Path, lo: int, hi: int, rows_path: Path, norms_path: Path
+    gallery: Location, lo: int, hi: int, rows_path: Path, norms_path: Path
 ) -> tuple[list[int], list[int]]:
     """Rows [lo, hi) of the gallery, normalised into the level-0 memmaps; (non-finite, zero) rows."""
     with pinned_threads():
@@ -97,7 +98,7 @@ class ClusterExpansion:
     def __init__(
         self,
         client: Any,
-        gallery: Path,
+        gallery: Location,
         n: int,
         d: int,
         params: AqeParams,
@@ -120,7 +121,7 @@ class ClusterExpansion:
 
     def __iter__(self) -> Iterator[LevelFiles]:
         """Run the rounds; yield each level (rows, norms, graph on disk) before it is expanded."""
-        n, d, k, rows = self.n, self.d, self.report.effective_qe_k, self.spec.rows_per_task
+        n, d, k, rows = self.n, self.d, self.report.effective_qe_k, self.spec.rows_for(self.d)
         t0 = time.perf_counter()
         u, norms = self.level_paths[0]
         allocate(u, (n, d), np.float32)
@@ -162,7 +163,7 @@ class ClusterExpansion:
         parts = scratch / f"parts_{level}"
         parts.mkdir(exist_ok=True)
         label = f"round {level + 1}/{self.params.qe_times} kNN"
-        block = spec.rows_per_task
+        block = spec.rows_for(d)
         files = LevelFiles(level, u, norms, ids_path, sims_path)
         if self.knn.exact:
             tile = spec.tile_for(d, k)

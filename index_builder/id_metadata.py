@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from aqe_retrieval.errors import InputError
+from index_builder.urls import Location
 
 MAX_ROWS_NAMED = 10
 
@@ -41,7 +42,7 @@ def read_ids(path: Path, n: int) -> list[str]:
     return ids
 
 
-def check_ids(path: Path, ids: list[str]) -> None:
+def check_ids(path: Location, ids: list[str]) -> None:
     """Raise :class:`InputError` naming ``path`` if an id is empty or repeated."""
     empty = [r for r, i in enumerate(ids) if not i]
     if empty:
@@ -57,10 +58,10 @@ def check_ids(path: Path, ids: list[str]) -> None:
         raise InputError(f"{path}: duplicate ids: {', '.join(dups[:MAX_ROWS_NAMED])}")
 
 
-def join_ids(label: str, parts: Iterable[tuple[Path, list[str]]]) -> list[str]:
+def join_ids(label: str, parts: Iterable[tuple[Location, list[str]]]) -> list[str]:
     """Shards' ids in order, checked unique across shards (each shard's ids checked already)."""
     ids: list[str] = []
-    seen: dict[str, tuple[Path, int]] = {}
+    seen: dict[str, tuple[Location, int]] = {}
     dups: list[str] = []
     for path, part in parts:
         for row, i in enumerate(part):
@@ -117,7 +118,7 @@ def _typed_column(values: list[str]) -> np.ndarray:
     return np.array(values, dtype=np.str_)
 
 
-def join_metadata(parts: Sequence[tuple[Path, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+def join_metadata(parts: Sequence[tuple[Location, dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
     """Shards' metadata columns, concatenated: the same names in every shard, and a column is
     string in every shard or in none (int in some shards and float in others gives float)."""
     first_path, first = parts[0]

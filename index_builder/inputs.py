@@ -3,7 +3,9 @@
 Embeddings are one ``.npy`` or Parquet file, or a directory of ``.npy`` or Parquet shards
 (concatenated in file-name order), float32 or float16, read in blocks: never held whole in
 memory here. ``.npy`` shards are memory-mapped (:mod:`index_builder.npy_shards`); Parquet
-shards are read one row group at a time (:mod:`index_builder.parquet_shards`).
+shards are read one row group at a time (:mod:`index_builder.parquet_shards`). Each input may
+be a local path or an fsspec URL (``s3://...``, :mod:`index_builder.urls`): the same readers,
+a URL's ``.npy`` read by byte ranges.
 
 Ids and metadata come with the shards or from whole-gallery files (``--ids``, ``--metadata``),
 never both: a Parquet shard carries them in its id column and other columns, a ``.npy`` shard
@@ -24,7 +26,8 @@ import numpy as np
 
 from aqe_retrieval.errors import InputError
 from index_builder.id_metadata import join_ids, join_metadata, name_rows, read_ids, read_metadata
-from index_builder.npy_shards import NpyShard, check_array, open_npy
+from index_builder.npy_shards import IDS_SIDECAR, METADATA_SIDECAR, NpyShard, check_array, open_npy
+from index_builder.urls import Location, Url, location, open_npy_url
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ class Shard(Protocol):
     """One file of the gallery: its rows in blocks, and the ids and metadata it carries."""
 
     @property
-    def path(self) -> Path: ...
+    def path(self) -> Location: ...
     @property
     def rows(self) -> int: ...
     @property
@@ -64,7 +67,7 @@ class Shard(Protocol):
     @property
     def dtype(self) -> np.dtype: ...
     @property
-    def files(self) -> tuple[Path, ...]: ...
+    def files(self) -> tuple[Location, ...]: ...
     @property
     def has_ids(self) -> bool: ...
     @property
@@ -86,12 +89,12 @@ class EmbeddingSource:
     columns: ParquetColumns | None = None
 
     @property
-    def paths(self) -> tuple[Path, ...]:
+    def paths(self) -> tuple[Location, ...]:
         """The shards' embedding files."""
         return tuple(s.path for s in self.shards)
 
     @property
-    def files(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[Location, ...]:
         """Every file the source reads: shards and their sidecars (what the fingerprint covers)."""
         return tuple(f for s in self.shards for f in s.files)
 
@@ -183,10 +186,10 @@ def as_source(data: np.ndarray | str | Path | EmbeddingSource) -> EmbeddingSourc
         arr = data if data.ndim == 2 else np.asarray(data)
         check_array(arr, Path("<array>"))
         return EmbeddingSource((NpyShard(arr, Path("<array>")),))
-    return open_embeddings(Path(data))
+    return open_embeddings(location(data))
 
 
-def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> EmbeddingSource:
+def open_embeddings(path: Location, columns: ParquetColumns | None = None) -> EmbeddingSource:
     """Open a ``.npy`` or Parquet file, or a directory of ``.npy`` or of Parquet shards.
 
     A directory's shards are its ``*.npy`` files or its ``*.parquet`` files, not both (names
@@ -199,8 +202,10 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
         raise InputError(f"{path}: no such file or directory")
     if not path.is_dir() and not path.is_file():
         raise InputError(f"{path}: not a regular file or directory")
+    paths: Sequence[Location]
     if path.is_dir():
-        entries = sorted(p for p in path.iterdir() if p.is_file())
+        entries: list[Location] = []
+        entries += path.files() if isinstance(path, Url) else sorted(p for p in path.iterdir() if p.is_file())
         npys = [p for p in entries if p.suffix == ".npy"]
         parquets = [p for p in entries if p.suffix == PARQUET_SUFFIX and not p.name.startswith(("_", "."))]
         if npys and parquets:
@@ -208,6 +213,12 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
         if not npys and not parquets:
             raise InputError(f"{path}: directory holds no .npy shards or .parquet files")
         paths, parquet = parquets or npys, bool(parquets)
+        sidecars = [p.name for p in entries if p.name.endswith((IDS_SIDECAR, METADATA_SIDECAR))]
+        if isinstance(path, Url) and sidecars and not parquet:
+            raise InputError(
+                f"{path}: sidecars ({', '.join(sidecars[:3])}) are not read from a URL; "
+                "give --ids / --metadata (local files), or use Parquet shards with id columns"
+            )
     else:
         paths, parquet = [path], _is_parquet(path)
     shards: Sequence[Shard]
@@ -219,8 +230,10 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
         raise InputError(
             f"{path}: --embedding-column, --id-column and --metadata-columns apply to Parquet input only"
         )
+    elif isinstance(path, Url):
+        shards = [open_npy_url(p) for p in paths if isinstance(p, Url)]
     else:
-        shards = open_npy(paths, path if path.is_dir() else None)
+        shards = open_npy([p for p in paths if isinstance(p, Path)], path if path.is_dir() else None)
     _check_compatible(shards)
     source = EmbeddingSource(tuple(shards), columns if parquet else None)
     if source.n == 0:
@@ -228,7 +241,7 @@ def open_embeddings(path: Path, columns: ParquetColumns | None = None) -> Embedd
     return source
 
 
-def _is_parquet(path: Path) -> bool:
+def _is_parquet(path: Location) -> bool:
     try:
         with path.open("rb") as f:
             return f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
@@ -288,7 +301,7 @@ def raise_for_bad_rows(label: str, nonfinite: list[int], zero: list[int]) -> Non
         raise InputError(f"{label}: " + "; ".join(problems))
 
 
-def fingerprint(paths: Sequence[Path]) -> str:
+def fingerprint(paths: Sequence[Location]) -> str:
     """A content hash (BLAKE2b) of the given files, in order: identifies the build's input."""
     h = hashlib.blake2b(digest_size=16)
     for p in paths:

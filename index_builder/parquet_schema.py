@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +20,7 @@ import pyarrow.compute as pc
 from aqe_retrieval.errors import InputError
 from index_builder.inputs import ParquetColumns
 from index_builder.parquet_shards import ParquetShard, open_file
+from index_builder.urls import Location
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,9 @@ DEFAULT_ID_COLUMN = "id"
 VALUE_DTYPES: dict[Any, np.dtype] = {pa.float32(): np.dtype(np.float32), pa.float16(): np.dtype(np.float16)}
 
 
-def open_parquet(paths: Sequence[Path], columns: ParquetColumns) -> tuple[list[ParquetShard], ParquetColumns]:
+def open_parquet(
+    paths: Sequence[Location], columns: ParquetColumns
+) -> tuple[list[ParquetShard], ParquetColumns]:
     """The shards of these files (same schema), and the columns read with defaults resolved."""
     files = []
     for p in paths:
@@ -89,7 +91,7 @@ def _is_list(t: pa.DataType) -> bool:
     return bool(pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t))
 
 
-def _embedding_column(schema: pa.Schema, name: str | None, path: Path) -> str:
+def _embedding_column(schema: pa.Schema, name: str | None, path: Location) -> str:
     lists = [f.name for f in schema if _is_list(f.type)]
     if name is None:
         name = lists[0] if len(lists) == 1 else DEFAULT_EMBEDDING_COLUMN
@@ -100,7 +102,7 @@ def _embedding_column(schema: pa.Schema, name: str | None, path: Path) -> str:
     return name
 
 
-def _value_dtype(field: pa.Field, path: Path) -> np.dtype:
+def _value_dtype(field: pa.Field, path: Location) -> np.dtype:
     if not _is_list(field.type):
         raise InputError(f"{path}: column {field.name!r} is {field.type}, not a list of floats")
     value_type = field.type.value_type
@@ -111,7 +113,7 @@ def _value_dtype(field: pa.Field, path: Path) -> np.dtype:
     return VALUE_DTYPES[value_type]
 
 
-def _id_column(schema: pa.Schema, name: str | None, embedding: str, path: Path) -> str | None:
+def _id_column(schema: pa.Schema, name: str | None, embedding: str, path: Location) -> str | None:
     if name == "":
         return None
     if name is None:
@@ -142,7 +144,7 @@ def _metadata_kind(t: pa.DataType) -> str | None:
 
 
 def _metadata_columns(
-    schema: pa.Schema, names: tuple[str, ...] | None, taken: set[str | None], path: Path
+    schema: pa.Schema, names: tuple[str, ...] | None, taken: set[str | None], path: Location
 ) -> tuple[str, ...]:
     if names is not None:
         for name in names:
@@ -163,7 +165,7 @@ def _metadata_columns(
     return tuple(chosen)
 
 
-def _first_row_length(files: list[tuple[Path, int]], column: str) -> int:
+def _first_row_length(files: list[tuple[Location, int]], column: str) -> int:
     """The length of the first row's list: the dimension every other row must have."""
     for path, rows in files:
         if not rows:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,13 +22,14 @@ import pyarrow.parquet as pq
 
 from aqe_retrieval.errors import InputError
 from index_builder.id_metadata import check_ids, name_rows
+from index_builder.urls import Location, Url
 
 
 @dataclass(frozen=True)
 class ParquetShard:
     """One Parquet file of the gallery; ``row_groups`` holds each row group's row count."""
 
-    path: Path
+    path: Location
     column: str
     d: int
     dtype: np.dtype
@@ -43,7 +43,7 @@ class ParquetShard:
         return sum(self.row_groups)
 
     @property
-    def files(self) -> tuple[Path, ...]:
+    def files(self) -> tuple[Location, ...]:
         """The one file read."""
         return (self.path,)
 
@@ -158,23 +158,24 @@ def _rows(mask: Any, start: int) -> str:
     return name_rows(np.flatnonzero(mask.to_numpy(zero_copy_only=False)) + start)
 
 
-def open_file(path: Path) -> pq.ParquetFile:
-    """The Parquet file at ``path``, opened for reading one row group at a time."""
+def open_file(path: Location) -> pq.ParquetFile:
+    """The Parquet file at ``path`` (local or a URL), opened for reading one row group at a time."""
     try:
         # pre_buffer would cache coalesced column chunks beyond the row group being read
-        return pq.ParquetFile(path, pre_buffer=False)
+        # a URL: pyarrow reads ranges of the fsspec file (footer, then one row group at a time)
+        return pq.ParquetFile(path.open() if isinstance(path, Url) else path, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: not a readable Parquet file ({exc})") from exc
 
 
-def _read_group(pf: pq.ParquetFile, path: Path, group: int, columns: list[str]) -> pa.Table:
+def _read_group(pf: pq.ParquetFile, path: Location, group: int, columns: list[str]) -> pa.Table:
     try:
         return pf.read_row_group(group, columns=columns, use_threads=False)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read row group {group} ({exc})") from exc
 
 
-def _read_all(pf: pq.ParquetFile, path: Path, columns: list[str]) -> pa.Table:
+def _read_all(pf: pq.ParquetFile, path: Location, columns: list[str]) -> pa.Table:
     try:
         return pf.read(columns=columns)
     except (pa.ArrowException, OSError) as exc:

@@ -17,6 +17,7 @@ import numpy as np
 from aqe_retrieval import artifact
 from aqe_retrieval.faiss_search import exact_knn, search_by_lists, search_parameters
 from index_builder.config import AUTO, AUTO_EXACT_MAX_N, AUTO_NPROBE_LADDER, BuildConfig, ServingSpec
+from index_builder.flat_file import write_flat_index
 from index_builder.heldout import QuerySample, search_held_out
 from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
 from index_builder.ondisk import OnDiskLists
@@ -50,8 +51,10 @@ def build_serving_index(
     rows HNSW candidates' links are built over and what the build's selections share
     (:class:`~index_builder.serving_auto.Shared`).
 
-    Out of core, ``lists`` puts an IVF index's inverted lists on disk, and ``auto`` does not
-    choose flat search when its ``4 n d`` bytes exceed ``flat_limit`` (the build's memory).
+    Out of core, ``lists`` puts an IVF index's inverted lists on disk, a flat index is written
+    in blocks into ``lists.scratch`` and mapped from there (:mod:`index_builder.flat_file`), and
+    ``auto`` does not choose flat search when its ``4 n d`` bytes exceed ``flat_limit`` (the
+    build's memory: a mapped flat index is searched from the page cache).
     """
     n, d = u.shape
     nprobe = spec.nprobe
@@ -74,7 +77,11 @@ def build_serving_index(
         logger.info("%s auto: %s (%s)", what, method, reason)
     knn_spec = KnnSpec(method=method, seed=spec.seed)
     with progress(what, n, enabled=show_progress) as update:
-        index = build_index(u, knn_spec, block_size, update, lists=lists)
+        if knn_spec.exact and lists is not None:  # out of core: flat rows streamed to a mapped file
+            index = write_flat_index(lists.scratch / f"{lists.ivfdata.stem}.flat.faiss", u, block_size)
+            update(n)
+        else:
+            index = build_index(u, knn_spec, block_size, update, lists=lists)
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.make_direct_map()

@@ -6,6 +6,7 @@ workers, and ``dask scheduler`` / ``dask worker --no-nanny`` subprocesses for th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -25,6 +26,7 @@ from index_builder.cluster import ClusterSpec, check_address
 from index_builder.config import BuildConfig
 from index_builder.expansion import AqeParams
 from index_builder.knn import KnnSpec
+from index_builder.urls import Url
 
 distributed = pytest.importorskip("distributed")
 
@@ -49,7 +51,7 @@ def scheduler() -> str:
         yield cluster.scheduler_address
 
 
-def _build(gallery: Path, root: Path, knn: KnnSpec, qe_times: int, cluster: ClusterSpec | None) -> Path:
+def _build(gallery: Path | Url, root: Path, knn: KnnSpec, qe_times: int, cluster: ClusterSpec | None) -> Path:
     build(
         BuildConfig(
             gallery=gallery,
@@ -105,6 +107,23 @@ def test_local_cluster_workers(tmp_path, gallery, knn, workers) -> None:
     _assert_same(ref, got)
 
 
+def test_workers_read_a_url_gallery_themselves(tmp_path, gallery, scheduler) -> None:
+    """An fsspec URL: each worker resolves it (unknown there: the build fails) and reads its ranges."""
+    import rangefs
+
+    from aqe_retrieval.errors import InputError
+
+    rangefs.register()  # here, for the client's look at the header
+    url = Url(rangefs.url(gallery))
+    with pytest.raises(InputError, match="no fsspec filesystem for protocol 'aqetest'"):
+        _build(url, tmp_path / "unknown", EXACT, 1, ClusterSpec("local:1"))
+    with distributed.Client(scheduler) as client:
+        client.run(rangefs.register)
+    ref = _build(gallery, tmp_path / "ref", IVF, 1, None)
+    got = _build(url, tmp_path / "got", IVF, 1, ClusterSpec(scheduler, rows_per_task=200))
+    _assert_same(ref, got)
+
+
 def test_cluster_address_checked() -> None:
     """A bad --cluster value fails on construction, naming it."""
     assert check_address("local:2") == "local:2"
@@ -112,6 +131,15 @@ def test_cluster_address_checked() -> None:
         ClusterSpec("local:0")
     with pytest.raises(ValueError, match="rows_per_task"):
         ClusterSpec("tcp://127.0.0.1:8786", rows_per_task=0)
+
+
+def test_row_range_tasks_fit_the_worker_share() -> None:
+    """Rows per read/expand/merge task follow the share and d (a wide gallery gets fewer rows)."""
+    spec = ClusterSpec("local:1", worker_bytes=64 * 2**20)
+    assert spec.rows_for(768) == 64 * 2**20 // (16 * 768)
+    assert spec.rows_for(768) * 768 * 4 * 4 <= spec.worker_bytes
+    assert spec.rows_for(8) == 16384 and ClusterSpec("local:1", worker_bytes=1).rows_for(8) == 256
+    assert ClusterSpec("local:1", rows_per_task=100).rows_for(768) == 100
 
 
 def _free_port() -> int:
@@ -203,3 +231,110 @@ def test_a_cluster_build_refuses_a_change_log_it_cannot_fold(tmp_path) -> None:
     )
     with pytest.raises(InputError, match="logged add/delete"):
         build(config)
+
+
+# ------------------------------------------------- a gallery larger than a worker
+
+
+BIG_N, BIG_D = 80_000, 768
+"""246 MB of float32: 1.5 times any one worker's cgroup (and --memory-limit) below."""
+WORKER_LIMIT = 160 * 2**20
+"""Each worker's cgroup and ``--memory-limit``: the interpreter, distributed and FAISS take ~110 MiB."""
+BIG_ARGS = (
+    "--knn", "IVF256,Flat", "--nprobe", "2", "--qe-k", "5", "--qe-times", "1",
+    "--serving-index", "exact", "--no-progress",
+)  # fmt: skip
+
+
+def _cli(gallery: Path, root: Path, *extra: str) -> list[str]:
+    return ["build", "--gallery", str(gallery), "--root", str(root), *BIG_ARGS, *extra]
+
+
+class _Sampler:
+    """The largest anonymous memory (``total_rss``) each cgroup held, sampled every 50 ms."""
+
+    def __init__(self, cgroups: list) -> None:
+        self.cgroups, self.peaks = cgroups, [0] * len(cgroups)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set():
+            for i, cg in enumerate(self.cgroups):
+                self.peaks[i] = max(self.peaks[i], cg.stat().get("total_rss", 0))
+            self.done.wait(0.05)
+
+    def __enter__(self) -> _Sampler:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_gallery_larger_than_any_worker_builds_in_bounded_memory(tmp_path) -> None:
+    """Three ``dask worker`` processes, each in a 160 MiB memory cgroup; a 246 MB gallery.
+
+    The client runs the CLI in a cgroup of one worker's limit too. Counted: each cgroup's
+    anonymous memory (``total_rss``, sampled; page cache of the memory-mapped arrays is charged
+    to the cgroup as well but the kernel reclaims it at the limit, so it is not counted). A
+    worker over its limit is killed by the kernel, so every worker must still be alive at the
+    end; and the published version equals the single-process build's.
+    """
+    from memcg import MemoryCgroup, unavailable
+
+    from index_builder.cli import main
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(reason)
+    gallery = tmp_path / "gallery.npy"
+    np.save(gallery, clustered_data(BIG_N, BIG_D, seed=11))  # identities in runs: neighbours nearby
+    assert gallery.stat().st_size > 1.4 * WORKER_LIMIT
+    assert main(_cli(gallery, tmp_path / "ref")) == 0
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), *sys.path) if p)}
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    dask = [sys.executable, "-m", "dask"]
+    with contextlib.ExitStack() as stack:
+        cgroups = [stack.enter_context(MemoryCgroup(WORKER_LIMIT, "aqe-dask")) for _ in range(4)]
+        procs: list[subprocess.Popen] = []
+        stack.callback(lambda: [(p.kill(), p.wait(timeout=30)) for p in reversed(procs)])
+        procs.append(
+            subprocess.Popen(
+                [*dask, "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1],
+                 "--no-dashboard"],
+                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )  # fmt: skip
+        for cg in cgroups[:3]:
+            argv = [*dask, "worker", address, "--nthreads", "1", "--memory-limit", str(WORKER_LIMIT),
+                    "--no-nanny", "--host", "127.0.0.1", "--no-dashboard"]  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    cg.command(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            )
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(3, timeout=60)
+        client_cg = cgroups[3]
+        argv = [
+            sys.executable,
+            "-m",
+            "index_builder.cli",
+            *_cli(gallery, tmp_path / "got", "--cluster", address),
+        ]
+        with _Sampler(cgroups[:3]) as workers:
+            done = client_cg.run(argv, env=env, timeout=500)
+        assert done.returncode == 0, done.stderr[-3000:]
+        alive = [p.poll() is None for p in procs[1:]]
+        assert all(alive), f"a worker was killed (over its cgroup?): {alive}"
+        # the limits were binding: anonymous memory plus page cache reached them, and was reclaimed
+        assert all(cg.max_usage() >= 0.9 * WORKER_LIMIT for cg in cgroups[:3])
+        peaks = [*workers.peaks, client_cg.peak_rss]
+    assert all(0 < p < WORKER_LIMIT for p in peaks), peaks
+    assert client_cg.peak_rss < WORKER_LIMIT  # the client holds no share of the gallery
+    _assert_same(tmp_path / "ref", tmp_path / "got")

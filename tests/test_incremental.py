@@ -172,37 +172,3 @@ def check_reloads(root, new, x, top_id) -> None:
     while top_id(new[0]) == "n0" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert top_id(new[0]) != "n0" and top_id(x[3]) != "r3"
-
-
-def test_a_version_with_float16_levels_is_refused_not_broken(tmp_path):
-    """Deltas override rows in float32: over float16 levels add/delete exit 2 and publish nothing."""
-    rng = np.random.default_rng(5)
-    np.save(tmp_path / "g.npy", rng.standard_normal((40, D)).astype(np.float32))
-    (tmp_path / "g.ids").write_text("".join(f"r{i}\n" for i in range(40)))
-    root = tmp_path / "root"
-    args = [
-        "build",
-        "--gallery",
-        str(tmp_path / "g.npy"),
-        "--ids",
-        str(tmp_path / "g.ids"),
-        "--root",
-        str(root),
-    ]
-    assert main([*args, "--qe-k", "4", *EXACT, "--level-dtype", "float16"]) == 0
-    first = artifact.current_version(root)
-    np.save(tmp_path / "new.npy", rng.standard_normal((2, D)).astype(np.float32))
-    (tmp_path / "new.txt").write_text("x0\nx1\n")
-    add = [
-        "add",
-        "--root",
-        str(root),
-        "--gallery",
-        str(tmp_path / "new.npy"),
-        "--ids",
-        str(tmp_path / "new.txt"),
-    ]
-    assert main(add) == 2
-    (tmp_path / "gone.txt").write_text("r1\n")
-    assert main(["delete", "--root", str(root), "--ids", str(tmp_path / "gone.txt")]) == 2
-    assert artifact.version_ids(root) == [first] and artifact.load(root).manifest.n == 40
