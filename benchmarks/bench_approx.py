@@ -14,7 +14,7 @@ from measured samples: ``faiss.knn`` of ``--exact-sample`` rows against all rows
 old exact path, bench_build.py's ``exact_extrapolation``) and the symmetric kernel over the
 first ``--sym-rows`` rows (it scales as N^2).
 
-    python benchmarks/bench_approx.py --workdir /work/main/var          # 1M x 256, ~20 s to generate
+    python benchmarks/bench_approx.py --workdir var                # 1M x 256, ~20 s to generate
     python benchmarks/bench_approx.py --n 200000 --nlists 512,1024 --nprobes 4,8,16,32
 """
 

@@ -8,7 +8,7 @@ limit). Where the in-memory build fits this machine it runs too, for the time ra
 largest version is served in a cgroup *limited* to the budget: p50 of single queries over HTTP,
 the service's anonymous memory and the builder's measured recall of the compressed index.
 
-    python benchmarks/bench_out_of_core.py --sizes 500000,1000000 --budget 1GiB --data-dir /work/var-ooc
+    python benchmarks/bench_out_of_core.py --sizes 500000,1000000 --budget 1GiB --data-dir var/ooc
 """
 
 from __future__ import annotations
