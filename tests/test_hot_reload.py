@@ -33,7 +33,13 @@ def test_swaps_under_concurrent_searches(tmp_path, small_gallery):
             )
         ).version
 
-    history: list[tuple[float, str]] = [(time.monotonic(), publish())]
+    def published() -> tuple[float, float, str]:
+        # the build's start and end: the version becomes current somewhere between them
+        t0 = time.monotonic()
+        version = publish()
+        return t0, time.monotonic(), version
+
+    history: list[tuple[float, float, str]] = [published()]
     settings = Settings(index_root=root, reload_interval_s=0.05, admin_token="tok")
     stop = threading.Event()
     with TestClient(create_app(settings)) as client:
@@ -52,18 +58,18 @@ def test_swaps_under_concurrent_searches(tmp_path, small_gallery):
             futures = [pool.submit(worker, s) for s in range(6)]
             for i in range(4):
                 time.sleep(0.3)
-                history.append((time.monotonic(), publish()))
+                history.append(published())
                 if i == 1:  # a broken version: refused, the previous one keeps serving
+                    t_broken = time.monotonic()
                     broken = publish()
                     (root / "versions" / broken / "serving.faiss").write_bytes(b"broken")
-                    history.append((time.monotonic(), broken))
+                    history.append((t_broken, time.monotonic(), broken))
                     time.sleep(0.3)
                     assert client.get("/info").json()["last_reload_failure"]["version"] == broken
                     r = client.post("/admin/reload", headers={"Authorization": "Bearer tok"})
                     assert r.status_code == 409
                     time.sleep(0.1)
-                    good = publish()
-                    history.append((time.monotonic(), good))
+                    history.append(published())
             time.sleep(0.5)
             stop.set()
             results = [r for f in futures for r in f.result()]
@@ -72,15 +78,16 @@ def test_swaps_under_concurrent_searches(tmp_path, small_gallery):
 
     assert len(results) > 50
     assert all(status == 200 for _, _, status, _ in results), {s for *_, s, _ in results}
-    # each response names a version that was current during the request: published before it
-    # ended, and not yet replaced by a good version long before it began (the watcher polls
-    # every 50 ms, so "long" is a generous 1 s)
-    good = [(t, v) for t, v in history if v != broken]
-    published = {v: t for t, v in good}
-    replaced = {v: good[i + 1][0] for i, (_, v) in enumerate(good[:-1])}
+    # each response names a version that was current during the request: its build had started
+    # before the request ended, and the next good version's build had not finished long before
+    # the request began (the watcher polls every 50 ms, so "long" is a generous 1 s; timing from
+    # the build's end, not its start, so a slow build on a loaded machine does not count)
+    good = [(t0, t1, v) for t0, t1, v in history if v != broken]
+    started = {v: t0 for t0, _, v in good}
+    replaced = {v: good[i + 1][1] for i, (_, _, v) in enumerate(good[:-1])}
     for t0, t1, _, version in results:
-        assert version != broken and version in published
-        assert published[version] <= t1
+        assert version != broken and version in started
+        assert started[version] <= t1
         assert replaced.get(version, float("inf")) > t0 - 1.0
-    assert served_last == history[-1][1]
+    assert served_last == history[-1][2]
     assert "aqe_reload_failures_total" in metrics and artifact.current_version(root) == served_last
