@@ -193,10 +193,26 @@ class Batcher:
         is dropped and its future fails with :class:`DeadlineExceeded`.
         """
         future: Future = Future()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        checked = searcher.check_queries(queries)
-        self._put(_Job(searcher, checked, k, expand, filters or None, deadline, future=future, raw=raw))
+        self._put(self._job(searcher, queries, k, expand, filters, timeout_s, raw, future=future))
         return future
+
+    @staticmethod
+    def _job(
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool,
+        filters: dict[str, Any] | None,
+        timeout_s: float | None,
+        raw: bool,
+        *,
+        checked: bool = False,
+        **caller: Any,
+    ) -> _Job:
+        """A job for one caller (``future=``, or ``loop=`` and ``afuture=``), its queries checked once."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        rows = queries if checked else searcher.check_queries(queries)
+        return _Job(searcher, rows, k, expand, filters or None, deadline, raw=raw, **caller)
 
     def submit_async(
         self,
@@ -214,12 +230,23 @@ class Batcher:
         from now unless answered before (a timer in the event loop, so a search already running
         on a worker cannot hold the caller past it).
         """
+        return self._submit_async(searcher, queries, k, expand, filters, timeout_s, raw)
+
+    def _submit_async(
+        self,
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool,
+        filters: dict[str, Any] | None,
+        timeout_s: float | None,
+        raw: bool,
+        checked: bool = False,
+    ) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        checked = searcher.check_queries(queries)
-        job = _Job(
-            searcher, checked, k, expand, filters or None, deadline, loop=loop, afuture=future, raw=raw
+        job = self._job(
+            searcher, queries, k, expand, filters, timeout_s, raw, checked=checked, loop=loop, afuture=future
         )
         self._put(job)
         if timeout_s is not None:
@@ -262,7 +289,7 @@ class Batcher:
         finally:
             self._inline_claimed = False
         if not inline:
-            return await self.submit_async(searcher, checked, k, expand, None, timeout_s, raw)
+            return await self._submit_async(searcher, checked, k, expand, None, timeout_s, raw, True)
         faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP setting, as a worker's
         t0 = time.perf_counter()
         hits = searcher.search_checked(checked, k, expand, raw=raw)
