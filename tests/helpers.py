@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -38,3 +39,14 @@ def write_gallery(
             "camera,ts,label\n" + "".join(f"{i % 6},{i},p{i // 6}\n" for i in range(len(x)))
         )
     return paths
+
+
+def search_until(client: Any, x: np.ndarray, stop: Any, seed: int, k: int) -> list[int]:
+    """Status codes of ``POST /search`` with random rows of ``x`` until ``stop`` is set (a load thread)."""
+    r = np.random.default_rng(seed)
+    codes = []
+    while not stop.is_set():
+        codes.append(
+            client.post("/search", json={"embedding": x[r.integers(len(x))].tolist(), "k": k}).status_code
+        )
+    return codes

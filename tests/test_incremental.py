@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from fastapi.testclient import TestClient
+from helpers import search_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,13 +140,7 @@ def test_a_running_service_picks_up_adds_and_deletes_without_a_failed_request(tm
     with TestClient(create_app(Settings(index_root=root, reload_interval_s=0.05))) as client:
 
         def worker(seed: int) -> list[int]:
-            r = np.random.default_rng(seed)
-            codes = []
-            while not stop.is_set():
-                codes.append(
-                    client.post("/search", json={"embedding": x[r.integers(40)].tolist(), "k": 3}).status_code
-                )
-            return codes
+            return search_until(client, x, stop, seed, 3)
 
         def top_id(v: np.ndarray) -> str:
             return client.post("/search", json={"embedding": v.tolist(), "k": 1}).json()["results"][0][0][

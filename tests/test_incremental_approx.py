@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import search_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -193,12 +194,7 @@ def test_a_default_build_takes_add_and_delete_and_the_service_serves_them(tmp_pa
     with TestClient(create_app(Settings(index_root=root, reload_interval_s=0.05))) as client:
 
         def worker(seed: int) -> list[int]:
-            r = np.random.default_rng(seed)
-            codes = []
-            while not stop.is_set():
-                body = {"embedding": x[r.integers(n)].tolist(), "k": 5}
-                codes.append(client.post("/search", json=body).status_code)
-            return codes
+            return search_until(client, x, stop, seed, 5)
 
         def top_ids(v: np.ndarray, k: int = 1) -> list[str]:
             body = {"embedding": v.tolist(), "k": k}
