@@ -47,17 +47,32 @@ def write_part(path: Path, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _topk(s: np.ndarray, k: int, col0: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` of every row of scores ``s`` (m, c), columns numbered from ``col0``, padded."""
+TOPK_CELLS = 2**20
+"""Scores ``_topk`` selects from at once: its temporaries (negated scores, int64 order) are
+``12 * TOPK_CELLS`` bytes (12 MiB) whatever the block's size."""
+
+
+def _topk(s: np.ndarray, k: int, col0: int, cells: int = TOPK_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every row of scores ``s`` (m, c), columns numbered from ``col0``, padded.
+
+    Rows are selected ``cells // c`` at a time: ``argpartition`` of a whole block would add
+    12 bytes a score to the block's own 4.
+    """
     m, c = s.shape
     sims = np.full((m, k), -np.inf, dtype=np.float32)
     ids = np.full((m, k), -1, dtype=np.int64)
     kk = min(k, c)
     if kk == 0 or m == 0:
         return sims, ids
-    top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < c else np.tile(np.arange(c), (m, 1))
-    sims[:, :kk] = np.take_along_axis(s, top, axis=1)
-    ids[:, :kk] = top + col0
+    step = max(1, cells // c)
+    for r0 in range(0, m, step):
+        block = s[r0 : r0 + step]
+        if kk < c:
+            top = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+        else:
+            top = np.tile(np.arange(c), (len(block), 1))
+        sims[r0 : r0 + step, :kk] = np.take_along_axis(block, top, axis=1)
+        ids[r0 : r0 + step, :kk] = top + col0
     return sims, ids
 
 

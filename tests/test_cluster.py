@@ -21,6 +21,7 @@ import pytest
 from helpers import clustered_data
 
 from aqe_retrieval import artifact
+from index_builder import dist_knn
 from index_builder.build import build
 from index_builder.cluster import ClusterSpec, check_address
 from index_builder.config import BuildConfig
@@ -338,3 +339,17 @@ def test_a_gallery_larger_than_any_worker_builds_in_bounded_memory(tmp_path) -> 
     assert all(0 < p < WORKER_LIMIT for p in peaks), peaks
     assert client_cg.peak_rss < WORKER_LIMIT  # the client holds no share of the gallery
     _assert_same(tmp_path / "ref", tmp_path / "got")
+
+
+def test_topk_selects_by_row_chunks_like_a_full_sort() -> None:
+    """The chunked selection (a few rows at a time) returns each row's k best, as argsort does."""
+    rng = np.random.default_rng(3)
+    s = rng.standard_normal((37, 23)).astype(np.float32)
+    for cells in (1, 50, 23 * 37):
+        sims, ids = dist_knn._topk(s, 5, 100, cells=cells)
+        order = np.argsort(-s, axis=1)[:, :5]
+        np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(order + 100, axis=1))
+        np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(np.take_along_axis(s, order, 1), axis=1))
+    sims, ids = dist_knn._topk(s[:, :3], 5, 0, cells=7)  # fewer columns than k: padded
+    assert (ids[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all() and (ids[:, :3] >= 0).all()
+
