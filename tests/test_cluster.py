@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,13 @@ def test_topk_selects_by_row_chunks_like_a_full_sort() -> None:
     sims, ids = dist_knn._topk(s[:, :3], 5, 0, cells=7)  # fewer columns than k: padded
     assert (ids[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all() and (ids[:, :3] >= 0).all()
 
+
+def test_training_sample_is_the_single_process_one_until_the_worker_share_is_smaller() -> None:
+    """The training task samples what the single-process build does, or as many rows as fit its share."""
+    spec = KnnSpec(method="IVF64,Flat")
+    assert dist_knn.train_rows(spec, 32, 2**30) == 10_000  # max(50 nlist, 10000), as knn.build_index
+    assert dist_knn.train_rows(replace(spec, train_size=5000), 32, 2**30) == 5000
+    share = dist_knn.KMEANS_BLOCK_BYTES + 2**20
+    rows = dist_knn.train_rows(spec, 32, share)
+    assert 64 <= rows < 10_000
+    assert rows * (4 * 32 + 12) + 8 * 64 * 32 + dist_knn.KMEANS_BLOCK_BYTES <= share
