@@ -92,8 +92,8 @@ def _drop_quantizer(shard: Any) -> None:
     800,000 rows, 1,333 lists, d = 128). Only the lists of a shard are ever read back.
     """
     ivf = faiss.extract_index_ivf(shard)
-    trained = ivf.quantizer
-    empty = faiss.IndexFlat(ivf.d, trained.metric_type)
+    trained: Any = ivf.quantizer  # untyped: the stubs lack SWIG's ownership handle (``this``)
+    empty: Any = faiss.IndexFlat(ivf.d, trained.metric_type)
     ivf.quantizer = empty
     empty.this.disown()  # the shard owns it now (``own_fields``)...
     trained.this.acquire()  # ...and Python the clone it owned, freed here
