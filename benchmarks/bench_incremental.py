@@ -14,12 +14,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import faiss
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from synthetic import generate
 
 from aqe_retrieval import artifact
 from aqe_retrieval.overlay import DeltaIndex
@@ -56,19 +62,27 @@ def describe(root: Path, queries: np.ndarray) -> str:
     return f"indexes {kinds}, delta served rows {delta}, {1000 * np.median(times):.2f} ms/query"
 
 
-def run(n: int, d: int, work: Path, qe_times: int, exact: bool) -> None:
+def run(n: int, d: int, work: Path, qe_times: int, exact: bool, data: str, build_opts: list[str]) -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    np.save(work / "g.npy", rng.standard_normal((n, d)).astype(np.float32))
-    (work / "ids.txt").write_text("".join(f"r{i}\n" for i in range(n)))
     m = n // 100
-    np.save(work / "add.npy", rng.standard_normal((m, d)).astype(np.float32))
+    if data == "synthetic":  # identities (benchmarks/synthetic.py); the added rows are more of them
+        generate(work / "all.npy", n + m, d, seed=0)
+        rows = np.load(work / "all.npy", mmap_mode="r")
+        np.save(work / "g.npy", rows[:n])
+        np.save(work / "add.npy", rows[n:])
+        del rows
+        (work / "all.npy").unlink()
+    else:
+        np.save(work / "g.npy", rng.standard_normal((n, d)).astype(np.float32))
+        np.save(work / "add.npy", rng.standard_normal((m, d)).astype(np.float32))
+    (work / "ids.txt").write_text("".join(f"r{i}\n" for i in range(n)))
     (work / "add.txt").write_text("".join(f"a{i}\n" for i in range(m)))
     gone = rng.choice(n, n // 200, replace=False)
     (work / "del.txt").write_text("".join(f"r{i}\n" for i in gone))
     root = work / "root"
-    opts = [*(EXACT if exact else []), "--no-progress"]
+    opts = [*(EXACT if exact else []), *build_opts, "--no-progress"]
     queries = rng.standard_normal((200, d)).astype(np.float32)
     t = time.perf_counter()
     main(["build", "--gallery", str(work / "g.npy"), "--ids", str(work / "ids.txt"), "--root", str(root),
@@ -88,6 +102,7 @@ def run(n: int, d: int, work: Path, qe_times: int, exact: bool) -> None:
     t_del = time.perf_counter() - t
     deleted = new_bytes(root, artifact.current_version(root) or "")
     after_delete = describe(root, queries)
+    print(f"build options {opts}, {data} data")
     print(f"n={n} d={d} qe_times={qe_times}: full build {t_build:.2f}s, {full / 2**20:.1f} MiB; {built}")
     print(f"add {m} rows: {t_add:.2f}s ({t_add / t_build:.3f} of a build), {added / 2**20:.2f} MiB "
           f"({added / full:.3f} of a version); {after_add}")  # fmt: skip
@@ -104,5 +119,12 @@ if __name__ == "__main__":
     p.add_argument("--qe-times", type=int, default=1)
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-incremental"))
     p.add_argument("--exact", action="store_true", help="exact graph, serving and expansion indexes")
+    p.add_argument(
+        "--data", choices=["gaussian", "synthetic"], default="gaussian",
+        help="i.i.d. Gaussian rows, or identities from benchmarks/synthetic.py",
+    )  # fmt: skip
+    p.add_argument(
+        "--build-opt", default="", help="more `build` options, e.g. '--knn IVF4096,Flat --nprobe 64'"
+    )
     a = p.parse_args()
-    run(a.n, a.d, a.work, a.qe_times, a.exact)
+    run(a.n, a.d, a.work, a.qe_times, a.exact, a.data, shlex.split(a.build_opt))
