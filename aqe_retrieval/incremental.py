@@ -4,7 +4,8 @@ Serving mode (``docs/AQE.md``): level 0 is the raw gallery, level t + 1 each row
 top-``qe_k`` neighbours of level t. A change touches only some rows, level by level:
 
 * level 0 changes exactly at the added rows (C_0);
-* a kept row must recompute its level-t neighbours (exact kNN against all rows) iff one of
+* a kept row must recompute its level-t neighbours (exact kNN against all rows; with an
+  approximate graph, at level 0, the graph's own index: :func:`graph_search`) iff one of
   them was deleted or changed value (it may have moved out); a row none of whose neighbours
   changed keeps its list, except that a changed or added row may now beat its ``qe_k``-th
   similarity: one GEMM of the changed rows against all rows, in blocks, finds those entries.
@@ -15,7 +16,8 @@ top-``qe_k`` neighbours of level t. A change touches only some rows, level by le
 
 With an exact stored graph the result equals a full build over the resulting rows (up to ties
 at the ``qe_k`` boundary, float tolerance in the values). With an approximate graph the changed
-rows get exact neighbours and the rest keep the approximate ones; the manifest keeps saying
+rows get their neighbours from the graph's index at level 0 (exact ones at deeper levels,
+whose stored indexes hold the old values) and the rest keep theirs; the manifest keeps saying
 the graph is approximate. Cost per level: ``|R_t| x N`` + ``N x |C_t|`` dot products.
 
 Any version ``build`` makes is accepted: approximate serving or expansion indexes (IVF, HNSW,
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +41,9 @@ import numpy as np
 
 from aqe_retrieval import aqe, artifact, delta
 from aqe_retrieval.errors import ArtifactError, InputError, UnknownIdError
-from aqe_retrieval.faiss_search import exact_knn
+from aqe_retrieval.faiss_search import bitmap_selector, exact_knn, parameters_with_selector
 from aqe_retrieval.manifest import DELTA_FORMAT_VERSION, Manifest
+from aqe_retrieval.overlay import DeltaIndex
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +98,7 @@ def apply_change(root: Path, change: Change, keep: int = 3) -> Outcome:
             added,
             parent.effective_qe_k,
             parent.alpha,
+            graph_search(parent, art, keep_mask),
         )
         old_pos = artifact.delta_positions(art)
         # the change log (the next full build folds it in) is durable before the version exists
@@ -194,6 +199,7 @@ def propagate(
     added: np.ndarray,
     k: int,
     alpha: float,
+    kept_search: KeptSearch | None = None,
 ) -> Propagation:
     """Levels and graphs of ``old[keep]`` followed by ``added``, recomputing only what changed.
 
@@ -201,8 +207,10 @@ def propagate(
     served normalised rows the parent stores (positions, rows): the served level is written
     only at those and at the re-expanded rows, so no other served row is needed (the base's
     serving index may be lossy: SQ8, PQ); ``old_graphs`` per level (ids (n, k) int64, sims (n, k)),
-    ``keep`` (n,) bool, ``added`` (m, d) raw. Peak memory: two copies of the levels plus
-    ``CHUNK x |C_t|`` floats of one entry block and ``CHUNK x k x d`` of one expansion chunk.
+    ``keep`` (n,) bool, ``added`` (m, d) raw; ``kept_search``: level 0's top-k among the kept
+    rows through the graph's own index (:func:`graph_search`; None: exact). Peak memory: two
+    copies of the levels plus ``8 CHUNK x |C_t|`` floats of one entry block and ``CHUNK x k x d``
+    of one expansion chunk.
     """
     n_kept, m = int(keep.sum()), len(added)
     n = n_kept + m
@@ -216,8 +224,9 @@ def propagate(
     for t, (old_ids, old_sims) in enumerate(old_graphs):
         out.levels.append((u, norms))
         ids, sims, gchanged = update_graph(
-            u, renumber, np.asarray(old_ids)[keep], np.asarray(old_sims)[keep], changed, k
-        )
+            u, renumber, np.asarray(old_ids)[keep], np.asarray(old_sims)[keep], changed, k,
+            kept_search if t == 0 else None,
+        )  # fmt: skip
         out.graphs.append((ids, sims))
         out.graph_changed.append(np.flatnonzero(gchanged))
         is_changed = np.zeros(n, dtype=bool)
@@ -252,12 +261,15 @@ def update_graph(
     sims_kept: np.ndarray,
     changed: np.ndarray,
     k: int,
+    kept_search: KeptSearch | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One level's top-k graph over the new rows ``u`` (n, d), exact if the old one was.
 
     ``ids_kept``/``sims_kept`` (n_kept, k): the kept rows' old lists (old numbering),
     ``changed``: new positions whose rows changed value or are new. Returns (ids, sims, mask of
-    rows whose list changed).
+    rows whose list changed). A recomputed list is exact, or with ``kept_search`` (an
+    approximate graph; only where the kept rows' values did not change: level 0) the graph's own
+    index over the kept rows merged with an exact search of the rows after them (the added).
     """
     n, n_kept = len(u), len(ids_kept)
     is_changed = np.zeros(n, dtype=bool)
@@ -273,27 +285,82 @@ def update_graph(
     gchanged = np.zeros(n, dtype=bool)
     for lo in range(0, len(redo), 8 * CHUNK):
         r = redo[lo : lo + 8 * CHUNK]
-        sims[r], ids[r] = exact_knn(u[r], u, k)
+        if kept_search is None:
+            sims[r], ids[r] = exact_knn(u[r], u, k)
+            continue
+        ks, ki = kept_search(u[r], k)
+        if n > n_kept:
+            ns, ni = exact_knn(u[r], u[n_kept:], min(k, n - n_kept))
+            ks, ki = np.concatenate([ks, ns], axis=1), np.concatenate([ki, ni + n_kept], axis=1)
+        ks = np.where(ki < 0, -np.inf, ks)
+        top = np.argsort(-ks, axis=1, kind="stable")[:, :k]
+        sims[r], ids[r] = np.take_along_axis(ks, top, axis=1), np.take_along_axis(ki, top, axis=1)
+        short = np.flatnonzero((ids[r] < 0).any(axis=1))  # the index came back short: exactly
+        if short.size:
+            sims[r[short]], ids[r[short]] = exact_knn(u[r[short]], u, k)
     gchanged[redo] = True
     if len(changed) == 0:
         return ids, sims, gchanged
-    # the other lists stay, unless a changed row now beats their k-th similarity
+    # the other lists stay, unless a changed row now beats their k-th similarity: one GEMM
+    # block, then only the entries that beat it (at most k a row, by a linear partition) are
+    # merged with the row's list (sorting all |C| columns of every entering row cost 0.44 of a
+    # full build's time for 1 % added at 1M rows)
     others = np.flatnonzero(~gchanged)
     cu = np.ascontiguousarray(u[changed])
     for lo in range(0, len(others), CHUNK):
         r = others[lo : lo + CHUNK]
         s = u[r] @ cu.T
-        enter = (s > sims[r].min(axis=1)[:, None]).any(axis=1)
+        beats = s > sims[r].min(axis=1)[:, None]
+        enter = beats.any(axis=1)
         if not enter.any():
             continue
-        r, s = r[enter], s[enter]
-        all_s = np.concatenate([sims[r], s], axis=1)
-        all_i = np.concatenate([ids[r], np.broadcast_to(changed, s.shape)], axis=1)
+        r, s = r[enter], np.where(beats[enter], s[enter], -np.inf)
+        e = min(k, int(beats[enter].sum(axis=1).max()))
+        near = np.argpartition(-s, e - 1, axis=1)[:, :e] if e < s.shape[1] else np.argsort(-s, axis=1)
+        all_s = np.concatenate([sims[r], np.take_along_axis(s, near, axis=1)], axis=1)
+        all_i = np.concatenate([ids[r], changed[near]], axis=1)
         top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
         sims[r] = np.take_along_axis(all_s, top, axis=1)
         ids[r] = np.take_along_axis(all_i, top, axis=1)
         gchanged[r] = True
     return ids, sims, gchanged
+
+
+KeptSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""``(u (q, d) normalised, k) -> (sims, ids) (q, k)``: top-k among the kept rows, new numbering
+(``-1`` / ``-inf`` where fewer were found)."""
+
+
+def graph_search(parent: Manifest, art: artifact.Artifact, keep: np.ndarray) -> KeptSearch | None:
+    """Level 0's search of an approximate graph's own index, deleted rows masked; else None.
+
+    A build with an approximate graph serves level 0's expansion from the graph's own index
+    (its nprobe or efSearch), and its kNN came from that index: rows whose lists are recomputed
+    get their neighbours the same way, at a cost of one index search each instead of a scan of
+    every row (measured at 1,000,000 x 64, IVF4096 nprobe 64, with the entry merge's fix: add of
+    1 % 271 -> 34 s, delete of 0.5 % 190 -> 17 s). An exact graph, or a level 0 without an
+    index, gets None: the lists are recomputed exactly.
+    """
+    level = art.levels[0] if art.levels else None
+    if str(parent.knn.get("method", "exact")).lower() == "exact" or level is None or level.index is None:
+        return None
+    index, entry = level.index, level.entry
+    renumber = np.full(len(keep), -1, dtype=np.int64)
+    renumber[keep] = np.arange(int(keep.sum()))
+    if isinstance(index, DeltaIndex):
+
+        def search_delta(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            sims, ids = index.search(u, k, mask=keep)
+            return sims, np.where(ids >= 0, renumber[np.maximum(ids, 0)], -1)
+
+        return search_delta
+    params = parameters_with_selector(index, bitmap_selector(keep), entry.nprobe, entry.ef_search)
+
+    def search(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        sims, ids = index.search(np.ascontiguousarray(u, dtype=np.float32), k, params=params)
+        return sims, np.where(ids >= 0, renumber[np.maximum(ids, 0)], -1)
+
+    return search
 
 
 def _publish(

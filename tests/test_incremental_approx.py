@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aqe_retrieval import aqe, artifact, incremental
+from aqe_retrieval.faiss_search import exact_knn
 from aqe_retrieval.online import gallery_level
 from aqe_retrieval.overlay import DeltaIndex
 from aqe_retrieval.searcher import Searcher
@@ -297,3 +298,39 @@ def test_on_disk_lists_filters_min_score_raw_and_search_by_id_through_a_delta(tm
             assert s.external_id(s.search(s.raw_rows([s.row_of(name)]), 1, raw=True)[0][0].row) == name
     deleted = {g: x[int(g[4:])] for g in gone if g.startswith("img-")} | {"new-3": new[3]}
     check_deleted_never_used(s, deleted, queries)
+
+
+def test_an_approximate_graph_recomputes_lists_through_its_own_index(tmp_path):
+    """A delete over an IVF graph refills the touched lists from the graph's index, not a full scan.
+
+    At nprobe 1 of 64 lists the index's answers differ from exact kNN, so the new version's lists
+    show which way they were recomputed; no deleted row is in any of them.
+    """
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    ids = [f"r{i}" for i in range(N)]
+    low = ["--knn", "IVF64,Flat", "--nprobe", "1", "--serving-index", "IVF64,Flat", "--serving-nprobe", "64"]
+    build(tmp_path / "inc", x, ids, low)
+    parent = artifact.load(tmp_path / "inc")
+    doomed = rng.choice(N, size=60, replace=False)
+    keep = np.ones(N, dtype=bool)
+    keep[doomed] = False
+    search = incremental.graph_search(parent.manifest, parent, keep)
+    assert search is not None
+    incremental.apply_change(tmp_path / "inc", incremental.Change("op", delete=[ids[i] for i in doomed]))
+    child = artifact.load(tmp_path / "inc")
+    graph_ids = artifact.load_graphs(child)[0][0]
+    old_ids = artifact.load_graphs(parent)[0][0]
+    touched = np.flatnonzero(np.isin(old_ids, doomed).any(axis=1) & keep)
+    new_pos = np.cumsum(keep) - 1
+    u = np.asarray(parent.levels[0].rows, np.float32)[keep]
+    got = np.asarray(graph_ids)[new_pos[touched]]
+    assert (got >= 0).all()
+    through_index = search(u[new_pos[touched]], QE_K)[1]
+    assert all(set(a) == set(b) for a, b in zip(got, through_index, strict=True))
+    exact = exact_knn(u[new_pos[touched]], u, QE_K)[1]
+    assert any(set(a) != set(b) for a, b in zip(got, exact, strict=True))  # not a full scan
+    # an exact graph recomputes exactly
+    build(tmp_path / "exact", x, ids, EXACT)
+    exact_art = artifact.load(tmp_path / "exact")
+    assert incremental.graph_search(exact_art.manifest, exact_art, keep) is None
