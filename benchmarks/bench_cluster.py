@@ -50,25 +50,40 @@ def _start_sampler(dask_worker: Any) -> None:
     import threading
 
     done, peak = threading.Event(), [0]
+    by_phase: dict[str, tuple[int, int]] = {}  # phase: (most a task grew RssAnon, peak RssAnon)
+    started: dict[str, int] = {}  # task key: RssAnon when first seen running
+    base = _rss_anon()
 
     def run() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_anon())
+            now = _rss_anon()
+            peak[0] = max(peak[0], now)
+            # the phase is the running task's function (submit() keys are "<function>-<uuid4>")
+            running = {str(ts.key) for ts in list(dask_worker.state.executing)}
+            for key in running - started.keys():
+                started[key] = now
+            for key in running:
+                name = key.split("-", 1)[0]
+                grown, top = by_phase.get(name, (0, 0))
+                by_phase[name] = (max(grown, now - started[key]), max(top, now))
             done.wait(0.02)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    dask_worker.aqe_sampler = (done, peak, thread)  # functions sent by client.run share no globals
+    # functions sent by client.run share no globals: the state lives on the worker
+    dask_worker.aqe_sampler = (done, peak, thread, by_phase, base)
 
 
-def _stop_sampler(dask_worker: Any) -> dict[str, int]:
-    """The sampled peak RssAnon and the process's disk I/O (``/proc/self/io``)."""
-    done, peak, thread = dask_worker.aqe_sampler
+def _stop_sampler(dask_worker: Any) -> dict[str, Any]:
+    """The sampled peak RssAnon, its peak above the idle worker per phase, the disk I/O."""
+    done, peak, thread, by_phase, base = dask_worker.aqe_sampler
     done.set()
     thread.join()
     io = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
     return {
         "peak_anon": peak[0],
+        "idle_anon": base,
+        "by_phase": by_phase,
         "read_bytes": int(io["read_bytes"]),
         "write_bytes": int(io["write_bytes"]),
         "rchar": int(io["rchar"]),
@@ -97,16 +112,20 @@ def run(args: argparse.Namespace, n: int, workers: int) -> dict:
 
     out = Path(args.out)
     gallery = out / f"gallery_{n}.npy"
-    knn = KnnSpec() if args.knn == "exact" else KnnSpec(method=args.knn, nprobe=args.nprobe)
+    method = f"IVF{max(1, n // args.list_rows)},Flat" if args.list_rows else args.knn
+    knn = KnnSpec() if method == "exact" else KnnSpec(method=method, nprobe=args.nprobe)
     params = AqeParams(qe_k=args.k, qe_times=args.qe_times)
     # an explicit serving index: ``auto`` races candidates in one process, not on a cluster
     serving = ServingSpec(method=args.serving, nprobe=args.serving_nprobe)
     common = dict(gallery=gallery, params=params, knn=knn, serving=serving, show_progress=False)
     root = out / f"single_{n}_{workers}"
     shutil.rmtree(root, ignore_errors=True)
-    t0 = time.perf_counter()
-    single = build(BuildConfig(root=root, threads=workers, **common))  # type: ignore[arg-type]
-    single_s = time.perf_counter() - t0
+    single, single_s = None, None
+    if args.single_up_to is None or n <= args.single_up_to:
+        t0 = time.perf_counter()
+        single = build(BuildConfig(root=root, threads=workers, **common))  # type: ignore[arg-type]
+        single_s = time.perf_counter() - t0
+        shutil.rmtree(root, ignore_errors=True)
     import dask
 
     with (
@@ -149,14 +168,24 @@ def run(args: argparse.Namespace, n: int, workers: int) -> dict:
         "n": n,
         "gallery_mib": round(n * args.d * 4 / mib),
         "workers": workers,
-        "single_s": round(single_s, 2),
+        "knn": method,
+        "single_s": round(single_s, 2) if single_s is not None else None,
         "cluster_s": round(cluster_s, 2),
-        "single_over_cluster": round(single_s / cluster_s, 2),
-        "single_timings": single.timings_s,
+        "single_over_cluster": round(single_s / cluster_s, 2) if single_s is not None else None,
+        "single_timings": single.timings_s if single is not None else None,
         "cluster_timings": got.timings_s,
         "task_balance": balance,
         "worker_memory_limit": args.memory_limit,
         "worker_peak_anon_mib": sorted(round(v["peak_anon"] / mib) for v in peaks.values()),
+        "worker_idle_anon_mib": sorted(round(v["idle_anon"] / mib) for v in peaks.values()),
+        # per phase (task function), over both workers: [the most one task grew RssAnon from
+        # its start, the worker's peak RssAnon while a task of the phase ran]
+        "worker_phase_anon_mib": {
+            name: [
+                round(max(v["by_phase"].get(name, (0, 0))[i] for v in peaks.values()) / mib) for i in (0, 1)
+            ]
+            for name in sorted({name for v in peaks.values() for name in v["by_phase"]})
+        },
         "worker_disk_read_mib": sorted(round(v["read_bytes"] / mib) for v in peaks.values()),
         "worker_disk_write_mib": sorted(round(v["write_bytes"] / mib) for v in peaks.values()),
         "worker_read_syscall_mib": sorted(round(v["rchar"] / mib) for v in peaks.values()),
@@ -172,6 +201,12 @@ def main() -> None:
     p.add_argument("--qe-times", type=int, default=1)
     p.add_argument("--knn", default="exact")
     p.add_argument("--nprobe", type=int, default=8)
+    p.add_argument(
+        "--list-rows", type=int, default=None, help="IVF graph with N / this many lists (overrides --knn)"
+    )
+    p.add_argument(
+        "--single-up-to", type=int, default=None, help="skip the single-process build above this N"
+    )
     p.add_argument("--serving", default="IVF256,Flat", help="serving index (both builds)")
     p.add_argument("--serving-nprobe", type=int, default=8)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])

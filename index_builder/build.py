@@ -268,6 +268,8 @@ def workload(
             if method == "exact":  # out of core, auto falls back to IVF (serving.py, flat_limit)
                 method = choose_serving_method(n, d, serving_spec.memory_budget_gib, 0)[0]
         serving = index_size(method, n, d, extra=16)
+        if method.lower() in (EXACT, "flat"):  # out of core: written in blocks and mapped (flat_file)
+            serving = replace(serving, in_memory_only=None)
     ivfs = [s for s in (knn, serving) if s is not None and s.nlist]
     return budget.Workload(
         n=n,

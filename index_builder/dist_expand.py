@@ -173,7 +173,16 @@ class ClusterExpansion:
             merges = [(by_block[lo], u, sims_path, ids_path, lo, hi, k, block) for lo, hi in ranges(n, tile)]
         else:
             index_path = scratch / f"level_{level}_trained.faiss"
-            nlist = self._run("IVF training", dist_knn.train_task, [(u, self.knn, index_path)])[0]
+            train = dist_knn.train_rows(self.knn, d, spec.worker_bytes)
+            nlist = self._run("IVF training", dist_knn.train_task, [(u, self.knn, index_path, train)])[0]
+            if train < min(n, 39 * nlist):
+                logger.warning(
+                    "IVF training on %d rows (%.0f a list, FAISS asks for 39): what a worker's share "
+                    "of %d bytes holds; give workers more memory for the single-process sample",
+                    train,
+                    train / nlist,
+                    spec.worker_bytes,
+                )
             probes = min(self.knn.nprobe or 1, nlist)
             assign = allocate(scratch / f"assign_{level}.npy", (n, probes), np.int32)
             counts = self._run(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +48,32 @@ def write_part(path: Path, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _topk(s: np.ndarray, k: int, col0: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` of every row of scores ``s`` (m, c), columns numbered from ``col0``, padded."""
+TOPK_CELLS = 2**20
+"""Scores ``_topk`` selects from at once: its temporaries (negated scores, int64 order) are
+``12 * TOPK_CELLS`` bytes (12 MiB) whatever the block's size."""
+
+
+def _topk(s: np.ndarray, k: int, col0: int, cells: int = TOPK_CELLS) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` of every row of scores ``s`` (m, c), columns numbered from ``col0``, padded.
+
+    Rows are selected ``cells // c`` at a time: ``argpartition`` of a whole block would add
+    12 bytes a score to the block's own 4.
+    """
     m, c = s.shape
     sims = np.full((m, k), -np.inf, dtype=np.float32)
     ids = np.full((m, k), -1, dtype=np.int64)
     kk = min(k, c)
     if kk == 0 or m == 0:
         return sims, ids
-    top = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < c else np.tile(np.arange(c), (m, 1))
-    sims[:, :kk] = np.take_along_axis(s, top, axis=1)
-    ids[:, :kk] = top + col0
+    step = max(1, cells // c)
+    for r0 in range(0, m, step):
+        block = s[r0 : r0 + step]
+        if kk < c:
+            top = np.argpartition(-block, kk - 1, axis=1)[:, :kk]
+        else:
+            top = np.tile(np.arange(c), (len(block), 1))
+        sims[r0 : r0 + step, :kk] = np.take_along_axis(block, top, axis=1)
+        ids[r0 : r0 + step, :kk] = top + col0
     return sims, ids
 
 
@@ -94,10 +110,28 @@ def exact_tasks(n: int, tile: int, parts: Path) -> tuple[list[tuple[Any, ...]], 
     return tasks, by_block
 
 
-def train_task(u_path: Path, spec: KnnSpec, index_path: Path) -> int:
-    """Train ``spec``'s IVF index on the seeded sample of the rows; write it (empty); returns nlist."""
+KMEANS_BLOCK_BYTES = 4096 * 1024 * 4
+"""FAISS's k-means assigns the sample by blocks of 4096 rows x 1024 centroids of scores."""
+
+
+def train_rows(spec: KnnSpec, d: int, worker_bytes: int) -> int:
+    """Rows the training task samples: the single-process build's, at most what ``worker_bytes`` holds.
+
+    The single-process sample is ``spec.train_size`` or ``max(50 nlist, 10000)``; a task holds
+    it (``4 d``), each row's assignment (``12``), the centroids twice and k-means's score block.
+    A smaller sample is another draw of :func:`~index_builder.knn.sample_rows` with the same
+    seed: deterministic, not a subset of the larger one.
+    """
+    nlist = faiss.extract_index_ivf(faiss.index_factory(d, spec.method)).nlist
+    wanted = spec.train_size if spec.train_size is not None else max(50 * nlist, 10_000)
+    room = worker_bytes - KMEANS_BLOCK_BYTES - 8 * nlist * d
+    return max(nlist, min(wanted, room // (4 * d + 12)))
+
+
+def train_task(u_path: Path, spec: KnnSpec, index_path: Path, rows: int) -> int:
+    """Train ``spec``'s IVF index on a seeded sample of ``rows`` rows; write it (empty); returns nlist."""
     with pinned_threads():
-        index = build_index(open_rows(u_path), spec, block_size=1, add=False)
+        index = build_index(open_rows(u_path), replace(spec, train_size=rows), block_size=1, add=False)
         tmp = index_path.with_name(f".{index_path.name}.{os.getpid()}.tmp")
         faiss.write_index(index, str(tmp))
         os.replace(tmp, index_path)

@@ -302,12 +302,25 @@ def raise_for_bad_rows(label: str, nonfinite: list[int], zero: list[int]) -> Non
 
 
 def fingerprint(paths: Sequence[Location]) -> str:
-    """A content hash (BLAKE2b) of the given files, in order: identifies the build's input."""
+    """A BLAKE2b hash identifying the given files, in order: the build's or a change's input.
+
+    A local file is hashed by its bytes. A URL is not read: its name, size and the version
+    fields its store keeps (:meth:`~index_builder.urls.Url.version`: ETag, generation, mtime,
+    ...) are hashed, so the fingerprint changes whenever the store says the object changed,
+    and also when the same bytes are written again (a new ETag or mtime). A URL whose
+    filesystem gives no version field is read and hashed, as a local file is.
+    """
     h = hashlib.blake2b(digest_size=16)
     for p in paths:
         if not p.is_file():
             continue
         h.update(p.name.encode())
+        version = p.version() if isinstance(p, Url) else None
+        if version is not None:
+            h.update(b"url-version:" + version.encode())
+            continue
+        if isinstance(p, Url):
+            logger.warning("%s: its filesystem names no version of it; reading it to fingerprint it", p)
         with p.open("rb") as f:
             while chunk := f.read(1 << 22):
                 h.update(chunk)

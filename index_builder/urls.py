@@ -12,6 +12,7 @@ installed is an :class:`~aqe_retrieval.errors.InputError` naming the package (ex
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from collections.abc import Iterator
@@ -24,6 +25,22 @@ import numpy as np
 from aqe_retrieval.errors import InputError
 
 URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+VERSION_FIELDS = (
+    "ETag",
+    "etag",
+    "VersionId",
+    "generation",
+    "md5Hash",
+    "crc32c",
+    "checksum",
+    "mtime",
+    "LastModified",
+    "last_modified",
+    "updated",
+)
+"""``fs.info()`` fields that change when a file's content does, as fsspec filesystems name them
+(s3fs: ETag, LastModified, VersionId; gcsfs: etag, generation, md5Hash, crc32c, updated; local
+and sftp: mtime): whichever of them a filesystem gives."""
 
 
 def location(text: str | Path) -> Path | Url:
@@ -91,6 +108,20 @@ class Url:
                 f"{self}: no fsspec filesystem for protocol {self.protocol!r} ({exc}); install the "
                 "package that implements it (s3fs for s3://, gcsfs for gs://, adlfs for abfs://)"
             ) from exc
+
+    def version(self) -> str | None:
+        """What names this file's content without reading it: its size and the store's version fields.
+
+        ``fs.info()``'s ETag, version id, generation, checksum or modification time, those the
+        filesystem gives (:data:`VERSION_FIELDS`); None where it gives none of them.
+        """
+        fs, path = self.filesystem()
+        try:
+            info = fs.info(path)
+        except OSError as exc:
+            raise InputError(f"{self}: cannot stat ({exc})") from exc
+        fields = {k: str(info[k]) for k in VERSION_FIELDS if info.get(k) is not None}
+        return json.dumps({"size": info.get("size"), **fields}, sort_keys=True) if fields else None
 
     def open(self, mode: str = "rb") -> IO[bytes]:
         """The file, opened through fsspec."""

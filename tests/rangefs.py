@@ -19,6 +19,12 @@ class RangeFS(LocalFileSystem):
     """The local filesystem, addressed as ``aqetest:///absolute/path``."""
 
     protocol = (PROTOCOL,)
+    opened = 0
+    """Files opened through this protocol in this process (what a test may count)."""
+
+    def _open(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        type(self).opened += 1
+        return super()._open(path, *args, **kwargs)
 
     @classmethod
     def _strip_protocol(cls, path: Any) -> Any:

@@ -151,11 +151,29 @@ def _assert_same_hits(ours: list[list[Hit]], theirs: list[list[Hit]], tol: float
 def test_an_over_budget_phase_fails_before_the_work(tmp_path, caplog):
     np.save(tmp_path / "g.npy", clustered_data(20_000, 64, seed=1))
     args = _build(tmp_path / "g.npy", tmp_path / "root", "--memory-budget", "52MiB")
-    args[args.index("IVF64,Flat")] = "exact"  # a flat serving index must be held whole
+    args[args.index("IVF64,Flat")] = "HNSW32"  # vectors and links held whole
     assert main(args) == 2
     assert "serving index must be held in memory" in caplog.text
     assert "needs a budget of at least" in caplog.text
     assert not (tmp_path / "root").exists() or artifact.current_version(tmp_path / "root") is None
+
+
+def test_a_flat_serving_index_over_the_budget_is_written_in_blocks_and_mapped(tmp_path):
+    """Out of core, ``--serving-index exact`` larger than the budget allows builds and serves as in memory."""
+    g = clustered_data(20_000, 64, seed=1)
+    np.save(tmp_path / "g.npy", g)
+    graph = ("--knn", "IVF32,Flat", "--nprobe", "4")
+    small = _build(tmp_path / "g.npy", tmp_path / "ooc", *graph, "--memory-budget", "60MiB")
+    small[small.index("IVF64,Flat")] = "exact"  # 4 N d = 4.9 MiB: held, over what 60 MiB leaves
+    big = _build(tmp_path / "g.npy", tmp_path / "ram", *graph)
+    big[big.index("IVF64,Flat")] = "exact"
+    assert main(small) == 0 and main(big) == 0
+    entry = artifact.read_manifest(tmp_path / "ooc", artifact.current_version(tmp_path / "ooc")).serving_index
+    assert entry.index_type.startswith("IndexFlat")
+    queries = g[:40] / np.linalg.norm(g[:40], axis=1, keepdims=True)
+    _, ours = _served(tmp_path / "ooc", queries)
+    _, theirs = _served(tmp_path / "ram", queries)
+    _assert_same_hits(ours, theirs)
 
 
 def test_stdout_carries_only_the_json_summary_out_of_core(tmp_path):

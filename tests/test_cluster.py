@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ import pytest
 from helpers import clustered_data
 
 from aqe_retrieval import artifact
+from index_builder import dist_knn
 from index_builder.build import build
 from index_builder.cluster import ClusterSpec, check_address
 from index_builder.config import BuildConfig
@@ -242,8 +244,11 @@ WORKER_LIMIT = 160 * 2**20
 """Each worker's cgroup and ``--memory-limit``: the interpreter, distributed and FAISS take ~110 MiB."""
 BIG_ARGS = (
     "--knn", "IVF256,Flat", "--nprobe", "2", "--qe-k", "5", "--qe-times", "1",
-    "--serving-index", "exact", "--no-progress",
+    "--serving-index", "exact", "--no-progress", "--train-size", "7000",
 )  # fmt: skip
+"""``--train-size``: the default sample (12,800 rows of 768 floats) is more than a worker's share
+(40 MiB) holds, so the cluster would train on fewer rows than the single-process reference
+(dist_knn.train_rows: 7,650 here); 7,000 fits both and keeps their results comparable."""
 
 
 def _cli(gallery: Path, root: Path, *extra: str) -> list[str]:
@@ -294,6 +299,8 @@ def test_a_gallery_larger_than_any_worker_builds_in_bounded_memory(tmp_path) -> 
     gallery = tmp_path / "gallery.npy"
     np.save(gallery, clustered_data(BIG_N, BIG_D, seed=11))  # identities in runs: neighbours nearby
     assert gallery.stat().st_size > 1.4 * WORKER_LIMIT
+    spec = KnnSpec(method="IVF256,Flat", train_size=7000)  # BIG_ARGS: the same sample on a worker
+    assert dist_knn.train_rows(spec, BIG_D, WORKER_LIMIT // 4) == 7000
     assert main(_cli(gallery, tmp_path / "ref")) == 0
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), *sys.path) if p)}
@@ -338,3 +345,27 @@ def test_a_gallery_larger_than_any_worker_builds_in_bounded_memory(tmp_path) -> 
     assert all(0 < p < WORKER_LIMIT for p in peaks), peaks
     assert client_cg.peak_rss < WORKER_LIMIT  # the client holds no share of the gallery
     _assert_same(tmp_path / "ref", tmp_path / "got")
+
+
+def test_topk_selects_by_row_chunks_like_a_full_sort() -> None:
+    """The chunked selection (a few rows at a time) returns each row's k best, as argsort does."""
+    rng = np.random.default_rng(3)
+    s = rng.standard_normal((37, 23)).astype(np.float32)
+    for cells in (1, 50, 23 * 37):
+        sims, ids = dist_knn._topk(s, 5, 100, cells=cells)
+        order = np.argsort(-s, axis=1)[:, :5]
+        np.testing.assert_array_equal(np.sort(ids, axis=1), np.sort(order + 100, axis=1))
+        np.testing.assert_allclose(np.sort(sims, axis=1), np.sort(np.take_along_axis(s, order, 1), axis=1))
+    sims, ids = dist_knn._topk(s[:, :3], 5, 0, cells=7)  # fewer columns than k: padded
+    assert (ids[:, 3:] == -1).all() and np.isneginf(sims[:, 3:]).all() and (ids[:, :3] >= 0).all()
+
+
+def test_training_sample_is_the_single_process_one_until_the_worker_share_is_smaller() -> None:
+    """The training task samples what the single-process build does, or as many rows as fit its share."""
+    spec = KnnSpec(method="IVF64,Flat")
+    assert dist_knn.train_rows(spec, 32, 2**30) == 10_000  # max(50 nlist, 10000), as knn.build_index
+    assert dist_knn.train_rows(replace(spec, train_size=5000), 32, 2**30) == 5000
+    share = dist_knn.KMEANS_BLOCK_BYTES + 2**20
+    rows = dist_knn.train_rows(spec, 32, share)
+    assert 64 <= rows < 10_000
+    assert rows * (4 * 32 + 12) + 8 * 64 * 32 + dist_knn.KMEANS_BLOCK_BYTES <= share

@@ -125,3 +125,20 @@ def test_float16_levels_expand_queries_like_the_float32_oracle(tmp_path, budget)
     ours = Searcher(art).expand(q)
     scale = np.linalg.norm(q2, axis=1, keepdims=True)
     assert (np.abs(ours - q2) / scale).max() < 2e-3  # float16 rows: 11 bits of mantissa
+
+
+def test_shards_are_written_without_their_quantizer(tmp_path):
+    """A shard file holds its lists and an empty quantizer: mapped shards hold no nlist x d each."""
+    from index_builder.ondisk import _drop_quantizer
+
+    u = _u(3000, 32)
+    index = _trained(u, "IVF64,Flat")
+    shard = faiss.clone_index(index)
+    shard.add(u[:1000])
+    sizes = [faiss.extract_index_ivf(shard).invlists.list_size(i) for i in range(64)]
+    _drop_quantizer(shard)
+    faiss.write_index(shard, str(tmp_path / "s.faiss"))
+    mapped = faiss.read_index(str(tmp_path / "s.faiss"), faiss.IO_FLAG_MMAP)
+    back = faiss.extract_index_ivf(mapped)
+    assert back.quantizer.ntotal == 0 and faiss.extract_index_ivf(index).quantizer.ntotal == 64
+    assert [back.invlists.list_size(i) for i in range(64)] == sizes

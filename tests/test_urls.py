@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from helpers import clustered_data
 from aqe_retrieval import artifact
 from aqe_retrieval.errors import InputError
 from index_builder.cli import main
-from index_builder.inputs import open_embeddings
+from index_builder.inputs import fingerprint, open_embeddings
 from index_builder.urls import Url, location
 
 pytest.importorskip("fsspec")  # comes with the distributed extra (dask)
@@ -81,7 +82,23 @@ def test_a_build_from_a_url_publishes_what_the_path_does(tmp_path) -> None:
     served = [x.serving_index.reconstruct_n(0, 300) for x in (a, b)]
     np.testing.assert_array_equal(*served)
     assert b.manifest.input["gallery"] == url
-    assert b.manifest.input["fingerprint"] == a.manifest.input["fingerprint"]  # the same bytes hashed
+    assert b.manifest.input["fingerprint"] != a.manifest.input["fingerprint"]  # a URL's: not its bytes
+
+
+def test_a_url_is_fingerprinted_by_its_size_and_version_without_reading_it(tmp_path) -> None:
+    """The client stats a URL gallery (size, mtime here) instead of reading it."""
+    path = tmp_path / "g.npy"
+    np.save(path, clustered_data(300, 16, seed=3))
+    url = Url(rangefs.url(path))
+    opened = rangefs.RangeFS.opened
+    first = fingerprint([url])
+    assert rangefs.RangeFS.opened == opened and fingerprint([url]) == first
+    os.utime(path, ns=(1, 1))  # the same bytes with another mtime: another version
+    assert fingerprint([url]) != first
+    touched = fingerprint([url])
+    np.save(path, clustered_data(300, 16, seed=4))
+    os.utime(path, ns=(1, 1))  # other bytes, same size and mtime: the store says nothing changed
+    assert fingerprint([url]) == touched
 
 
 def test_an_unknown_protocol_exits_2_naming_what_to_install(tmp_path, capsys, caplog) -> None:
