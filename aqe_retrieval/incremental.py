@@ -43,7 +43,7 @@ from aqe_retrieval import aqe, artifact, delta
 from aqe_retrieval.errors import ArtifactError, InputError, UnknownIdError
 from aqe_retrieval.faiss_search import bitmap_selector, exact_knn, parameters_with_selector
 from aqe_retrieval.manifest import DELTA_FORMAT_VERSION, Manifest
-from aqe_retrieval.overlay import DeltaIndex
+from aqe_retrieval.overlay import DeltaIndex, merge
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +289,13 @@ def update_graph(
             sims[r], ids[r] = exact_knn(u[r], u, k)
             continue
         ks, ki = kept_search(u[r], k)
+        ki = np.where(ki >= 0, renumber[np.maximum(ki, 0)], -1)
+        parts_s, parts_i = [np.where(ki < 0, -np.inf, ks)], [ki]
         if n > n_kept:
             ns, ni = exact_knn(u[r], u[n_kept:], min(k, n - n_kept))
-            ks, ki = np.concatenate([ks, ns], axis=1), np.concatenate([ki, ni + n_kept], axis=1)
-        ks = np.where(ki < 0, -np.inf, ks)
-        top = np.argsort(-ks, axis=1, kind="stable")[:, :k]
-        sims[r], ids[r] = np.take_along_axis(ks, top, axis=1), np.take_along_axis(ki, top, axis=1)
+            parts_s.append(ns)
+            parts_i.append(ni + n_kept)
+        sims[r], ids[r] = merge(parts_s, parts_i, len(r), k)
         short = np.flatnonzero((ids[r] < 0).any(axis=1))  # the index came back short: exactly
         if short.size:
             sims[r[short]], ids[r[short]] = exact_knn(u[r[short]], u, k)
@@ -317,18 +318,16 @@ def update_graph(
         r, s = r[enter], np.where(beats[enter], s[enter], -np.inf)
         e = min(k, int(beats[enter].sum(axis=1).max()))
         near = np.argpartition(-s, e - 1, axis=1)[:, :e] if e < s.shape[1] else np.argsort(-s, axis=1)
-        all_s = np.concatenate([sims[r], np.take_along_axis(s, near, axis=1)], axis=1)
-        all_i = np.concatenate([ids[r], changed[near]], axis=1)
-        top = np.argsort(-all_s, axis=1, kind="stable")[:, :k]
-        sims[r] = np.take_along_axis(all_s, top, axis=1)
-        ids[r] = np.take_along_axis(all_i, top, axis=1)
+        sims[r], ids[r] = merge(
+            [sims[r], np.take_along_axis(s, near, axis=1)], [ids[r], changed[near]], len(r), k
+        )
         gchanged[r] = True
     return ids, sims, gchanged
 
 
 KeptSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
-"""``(u (q, d) normalised, k) -> (sims, ids) (q, k)``: top-k among the kept rows, new numbering
-(``-1`` / ``-inf`` where fewer were found)."""
+"""``(u (q, d) normalised, k) -> (sims, ids) (q, k)``: top-k among the kept rows, numbered as in
+the parent version (``-1`` where fewer were found)."""
 
 
 def graph_search(parent: Manifest, art: artifact.Artifact, keep: np.ndarray) -> KeptSearch | None:
@@ -345,22 +344,10 @@ def graph_search(parent: Manifest, art: artifact.Artifact, keep: np.ndarray) -> 
     if str(parent.knn.get("method", "exact")).lower() == "exact" or level is None or level.index is None:
         return None
     index, entry = level.index, level.entry
-    renumber = np.full(len(keep), -1, dtype=np.int64)
-    renumber[keep] = np.arange(int(keep.sum()))
     if isinstance(index, DeltaIndex):
-
-        def search_delta(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            sims, ids = index.search(u, k, mask=keep)
-            return sims, np.where(ids >= 0, renumber[np.maximum(ids, 0)], -1)
-
-        return search_delta
+        return lambda u, k: index.search(u, k, mask=keep)
     params = parameters_with_selector(index, bitmap_selector(keep), entry.nprobe, entry.ef_search)
-
-    def search(u: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        sims, ids = index.search(np.ascontiguousarray(u, dtype=np.float32), k, params=params)
-        return sims, np.where(ids >= 0, renumber[np.maximum(ids, 0)], -1)
-
-    return search
+    return lambda u, k: index.search(np.ascontiguousarray(u, dtype=np.float32), k, params=params)
 
 
 def _publish(

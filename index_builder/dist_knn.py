@@ -30,7 +30,7 @@ import numpy as np
 from aqe_retrieval.faiss_search import exact_knn
 from index_builder.cluster import open_rows, pinned_threads
 from index_builder.ivf_batch import coarse_assignment
-from index_builder.knn import KnnSpec, build_index, sample_rows, set_recall
+from index_builder.knn import KnnSpec, build_index, ivf_train_rows, sample_rows, set_recall
 
 
 def write_part(path: Path, rows: np.ndarray, sims: np.ndarray, ids: np.ndarray) -> None:
@@ -123,7 +123,7 @@ def train_rows(spec: KnnSpec, d: int, worker_bytes: int) -> int:
     seed: deterministic, not a subset of the larger one.
     """
     nlist = faiss.extract_index_ivf(faiss.index_factory(d, spec.method)).nlist
-    wanted = spec.train_size if spec.train_size is not None else max(50 * nlist, 10_000)
+    wanted = ivf_train_rows(nlist, spec.train_size)
     room = worker_bytes - KMEANS_BLOCK_BYTES - 8 * nlist * d
     return max(nlist, min(wanted, room // (4 * d + 12)))
 

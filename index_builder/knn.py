@@ -274,6 +274,11 @@ class IndexSize:
     train_rows: int = 0
 
 
+def ivf_train_rows(nlist: int, train_size: int | None = None) -> int:
+    """Rows an IVF index with ``nlist`` lists trains on: ``train_size``, else ``max(50 nlist, 10000)``."""
+    return train_size if train_size is not None else max(50 * nlist, 10_000)
+
+
 def index_size(method: str, n: int, d: int, train_size: int | None = None, extra: int = 8) -> IndexSize:
     """Size of ``method`` (a factory string or ``exact``) over n rows of dimension d.
 
@@ -286,7 +291,7 @@ def index_size(method: str, n: int, d: int, train_size: int | None = None, extra
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         return IndexSize(n * (4 * d + 128), f"{method} keeps its vectors and links in memory")
-    rows = train_size if train_size is not None else max(50 * ivf.nlist, 10_000)
+    rows = ivf_train_rows(ivf.nlist, train_size)
     return IndexSize(n * (ivf.code_size + extra), None, ivf.nlist, ivf.code_size, min(n, rows))
 
 
@@ -320,7 +325,7 @@ def _train_sample(u: np.ndarray, index: Any, spec: KnnSpec) -> np.ndarray:
     size = spec.train_size
     if size is None:
         ivf = faiss.try_extract_index_ivf(index)
-        size = max(50 * ivf.nlist, 10_000) if ivf is not None else 100_000
+        size = ivf_train_rows(ivf.nlist) if ivf is not None else 100_000
     return np.ascontiguousarray(u[sample_rows(n, size, spec.seed)])
 
 
