@@ -9,6 +9,7 @@ worker process runs on its own (:func:`app_factory`), builds the same settings.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from uvicorn.supervisors import Multiprocess
 
 from aqe_retrieval.logs import FAISS_LOADER, quiet_faiss_loader
 from service.settings import Settings
+from service.supervisor import BalancedMultiprocess, listening_sockets, reuseport_available
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -158,6 +160,18 @@ def _serve(settings: Settings) -> int:
         http="service.protocol:GuardedHttpToolsProtocol",
     )
     config.read_timeout_s = settings.read_timeout_s
+    if config.workers > 1 and reuseport_available():  # a socket per worker (service.supervisor)
+        try:
+            sockets = listening_sockets(settings.host, settings.port, config.workers)
+        except OSError as exc:
+            print(f"search-service: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 1
+        host, port = sockets[0].getsockname()[:2]
+        logging.getLogger("uvicorn.error").info(
+            "Uvicorn running on http://%s:%d, %d workers, a socket each", host, port, config.workers
+        )
+        BalancedMultiprocess(config, sockets).run()
+        return 0
     if config.workers > 1:
         Multiprocess(config, sockets=[config.bind_socket()]).run()
         return 0
