@@ -22,8 +22,7 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -51,8 +50,14 @@ MAX_NARROWING_ERROR = 1e-3
 """Largest relative error ``|q32 - q| / |q|`` that narrowing a query to float32 may cause."""
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
+    """One search result: a gallery row and its cosine score.
+
+    A named tuple, not a frozen dataclass: a search of one query makes ``k`` of them, and a
+    frozen dataclass costs three times as much to make (measured: 24 against 9 us for 10 hits,
+    with the rows read as Python numbers first).
+    """
+
     row: int
     score: float
 
@@ -136,9 +141,9 @@ class Searcher:
         else:  # no levels (qe_times 0): the serving index is over the raw gallery itself
             sims, ids = self._serving_search(u, min(k, self.n), mask)
         floor = -math.inf if min_score is None else min_score
-        return [
-            [Hit(int(i), float(s)) for s, i in zip(srow, irow, strict=True) if i >= 0 and s >= floor]
-            for srow, irow in zip(sims, ids, strict=True)
+        return [  # as Python numbers first: one numpy scalar per hit costs more than the hit
+            [Hit(i, s) for s, i in zip(srow, irow, strict=True) if i >= 0 and s >= floor]
+            for srow, irow in zip(sims.tolist(), ids.tolist(), strict=True)
         ]
 
     def _serving_search(
@@ -241,8 +246,11 @@ class Searcher:
             raise QueryError("send at least one query embedding")
         if raw.shape[1] != self.d:
             raise QueryError(f"embedding dimension {raw.shape[1]} does not match the index's {self.d}")
-        if not np.issubdtype(raw.dtype, np.number) or np.issubdtype(raw.dtype, np.complexfloating):
+        # the kinds np.issubdtype(kind, np.number) admits, less complex (that test costs 3 us)
+        if raw.dtype.kind not in "iufm":
             raise QueryError(f"embeddings must be real numbers, got {raw.dtype}")
+        if len(raw) == 1 and self._one_row_passes(raw[0]):
+            return np.asarray(raw, dtype=np.float32)
         peak = np.abs(raw).max(axis=1)
         if not peak.max() <= MAX_ABS_VALUE:  # NaN compares false too
             finite = np.isfinite(peak)
@@ -271,6 +279,25 @@ class Searcher:
             f"{norm[bad[0]]:.3g}): float32 cannot represent them, or their norm is below "
             f"{aqe.NORM_EPS:g}; scale them up"
         )
+
+    @staticmethod
+    def _one_row_passes(row: np.ndarray) -> bool:
+        """Whether one query row passes every check of :meth:`check_queries`, from two dot products.
+
+        A single query is what most requests send, and each numpy reduction costs a few
+        microseconds: the checks below cost 55 us at 1 x 256 float64 (a JSON query), this 13 us.
+        A finite squared norm within ``MAX_ABS_VALUE**2`` implies every value is finite and within
+        +-``MAX_ABS_VALUE``. False sends the row through the full checks (which then refuse it, or
+        pass a rare row this shortcut cannot: norm above MAX_ABS_VALUE with every value within it).
+        """
+        wide = np.asarray(row, dtype=np.float64)
+        norm2 = float(np.vdot(wide, wide))
+        if not (norm2 <= MAX_ABS_VALUE * MAX_ABS_VALUE and math.sqrt(norm2) >= aqe.NORM_EPS):
+            return False  # NaN compares false too
+        if row.dtype == np.float32:  # float32 rows narrow without error
+            return True
+        diff = np.asarray(row, dtype=np.float32) - wide  # float64
+        return math.sqrt(float(np.vdot(diff, diff))) <= MAX_NARROWING_ERROR * math.sqrt(norm2)
 
     def external_id(self, row: int) -> str:
         """The external id of gallery row ``row`` (its row number when no ids were given)."""

@@ -298,3 +298,38 @@ def test_raw_mode_through_an_approximate_level_index(tmp_path, small_gallery):
     filtered = s.search(queries, 5, raw=True, filters={"camera": {"in": [1, 2]}})
     for row, got in zip(sims, filtered, strict=True):
         assert_top(row, got, 5)
+
+
+def _outcome(searcher, batch):
+    try:
+        return searcher.check_queries(batch)
+    except QueryError as exc:
+        return str(exc)
+
+
+@given(
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, width=64),
+            st.floats(min_value=-1e-10, max_value=1e-10),
+            st.sampled_from([0.0, MAX_ABS_VALUE, -MAX_ABS_VALUE, 1.5e30, -5e30, 1e29, 3e-39, 1e-45]),
+        ),
+        min_size=32,
+        max_size=32,
+    ),
+    scale=st.sampled_from([1.0, 1e-13, 1e-30, 1e20, 1e30]),
+    dtype=st.sampled_from([np.float64, np.float32, np.int64]),
+)
+@settings(max_examples=300, deadline=None)
+def test_the_one_row_shortcut_decides_as_the_full_checks(searcher, values, scale, dtype):
+    """A single query takes a shortcut (two dot products); two copies of it take the full checks."""
+    with np.errstate(all="ignore"):
+        row = (np.asarray(values) * scale).astype(dtype)
+    one = _outcome(searcher, row[None])
+    two = _outcome(searcher, np.stack([row, row]))
+    if isinstance(two, str):
+        assert isinstance(one, str) and one == two.replace("[0, 1]", "[0]"), (one, two)
+    else:
+        assert not isinstance(one, str), one
+        np.testing.assert_array_equal(one[0], two[0])
+        assert one.dtype == np.float32
