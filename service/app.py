@@ -52,6 +52,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.threads,
         settings.max_queue,
         on_drop=app.state.metrics.count_drop,
+        on_loop=settings.searches_on_loop(),
     )
     try:
         yield

@@ -29,6 +29,20 @@ hold the loop for is inlined: unfiltered, at most :data:`INLINE_MAX_ROWS` querie
 (version, expansion flag, mode) whose last search measured at most :data:`INLINE_MAX_S`; the
 first search of each kind runs on a worker and is timed there.
 
+On-loop batching (``on_loop``, the service's ``AQE_SEARCH_ON_LOOP``): when each core has a
+worker process of its own, cheap unfiltered searches are not handed to the threads at all. Each
+request puts its job on its event loop's pending list, and the first one of a turn schedules one
+callback (``call_soon``) that runs after every request the loop read in that turn has done so:
+it searches them grouped by kind, as the workers would, on the loop's own thread, and answers
+them. No thread is woken and no thread waits for another's GIL. A turn searches for at most
+about :data:`LOOP_BUDGET_S` (estimated from each kind's measured cost per row) before the loop
+reads its sockets again; the rest waits for the next turn. A search estimated over
+:data:`LOOP_MAX_S`, a filtered one, and the first of each kind (untimed) still go to the threads.
+Measured (``benchmarks/ab_http.py``, 200,000 x 256 HNSW, two worker processes on the two cores,
+their connections balanced): 1.07x the q/s of the threads at 32 connections with p99 29 against
+43 ms, 1.11x at 8; with one worker process for both cores 0.82x (one thread cannot use two cores),
+hence on by default only with a worker per core.
+
 Every worker sets its own OpenMP thread count (``threads``, per thread in OpenMP) before its
 first search: FAISS calls from threads that never set it would each start a team as wide as the
 machine, and concurrent teams oversubscribe the cores.
@@ -57,8 +71,14 @@ logger = logging.getLogger(__name__)
 INLINE_MAX_ROWS = 4
 """Searches of up to this many queries may run inline on an idle batcher's caller."""
 INLINE_MAX_S = 0.002
-"""... when the last search of their kind took at most this long (an exact scan of a large
-gallery, tens of ms a query, always goes to a worker: the event loop would stall for it)."""
+"""... when their kind's measured cost per row times their rows is at most this long (an exact
+scan of a large gallery, tens of ms a query, always goes to a worker: the loop would stall)."""
+LOOP_MAX_S = 0.002
+"""On-loop batching (``on_loop``): a request whose search is estimated (its rows times its kind's
+measured seconds per row) at most this long is searched on its event loop's thread."""
+LOOP_BUDGET_S = 0.008
+"""... and one turn of the loop searches for at most about this long before the loop reads its
+sockets again (the rest of what is pending goes in the next turn)."""
 
 
 class Overloaded(Exception):
@@ -138,8 +158,12 @@ class Batcher:
         threads: int = 1,
         max_queue: int = 1024,
         on_drop: Callable[[str], None] | None = None,
+        on_loop: bool = False,
     ) -> None:
         self.max_rows, self.threads, self.max_queue = max_rows, threads, max_queue
+        self.on_loop = on_loop
+        # per event loop: cheap searches waiting for its next turn (on_loop)
+        self._pending: dict[asyncio.AbstractEventLoop, list[_Job]] = {}
         self.on_drop = on_drop  # called with "gone" or "late" for each job dropped unsearched
         self._batched: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._filtered: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -152,10 +176,10 @@ class Batcher:
         ]
         self.batches = 0
         self.rows = 0
-        self.inline = 0  # searches answered on their caller's thread (search_async)
+        self.inline = 0  # searches answered on their caller's (event loop's) thread
         # per worker: whether it holds a batch (each slot written by its own thread only)
         self._working = [False] * workers
-        # seconds of the last small search of each kind, per version (its cost if inlined)
+        # per version and kind (expansion flag, mode): estimated seconds per row (_measured)
         self._cost: weakref.WeakKeyDictionary[Searcher, dict[tuple[bool, bool], float]] = (
             weakref.WeakKeyDictionary()
         )
@@ -264,18 +288,25 @@ class Batcher:
         timeout_s: float | None = None,
         raw: bool = False,
     ) -> list[list[Hit]]:
-        """:meth:`submit_async` awaited, or the search run inline when the batcher is idle.
+        """:meth:`submit_async` awaited, or the search run on the caller's event loop thread.
 
-        Inline: unfiltered, at most :data:`INLINE_MAX_ROWS` queries, nothing queued or being
-        searched, and the last search of its kind on this version measured at most
-        :data:`INLINE_MAX_S`. The caller first yields to the event loop once, so requests that
-        arrived with it reach the queue before it decides (they then batch on the workers, and
-        so does it). Raises what :meth:`submit_async` would.
+        With ``on_loop``: every unfiltered search estimated at most :data:`LOOP_MAX_S` (its
+        rows times its kind's measured cost per row) is batched with the others of this turn of
+        the loop (:meth:`_flush`). Without: inline when the batcher is idle, for an unfiltered
+        search of at most :data:`INLINE_MAX_ROWS` queries estimated at most
+        :data:`INLINE_MAX_S`, with nothing queued or being searched; the caller first yields
+        to the event loop once, so requests that arrived with it reach the queue before it
+        decides (they then batch on the workers, and so does it). Raises what
+        :meth:`submit_async` would.
         """
+        if self.on_loop and not filters:
+            per_row = self._cost.get(searcher, {}).get((expand, raw))
+            if per_row is not None and per_row * len(queries) <= LOOP_MAX_S:
+                return await self._on_loop(searcher, queries, k, expand, timeout_s, raw)
         if filters or len(queries) > INLINE_MAX_ROWS or self._inline_claimed:
             return await self.submit_async(searcher, queries, k, expand, filters, timeout_s, raw)
-        cost = self._cost.get(searcher, {}).get((expand, raw))
-        if cost is None or cost > INLINE_MAX_S or not self._idle():
+        per_row = self._cost.get(searcher, {}).get((expand, raw))
+        if per_row is None or per_row * len(queries) > INLINE_MAX_S or not self._idle():
             return await self.submit_async(searcher, queries, k, expand, filters, timeout_s, raw)
         checked = searcher.check_queries(queries)
         self._inline_claimed = True
@@ -299,13 +330,72 @@ class Batcher:
         self.rows += len(checked)
         return hits
 
+    async def _on_loop(
+        self,
+        searcher: Searcher,
+        queries: np.ndarray,
+        k: int,
+        expand: bool,
+        timeout_s: float | None,
+        raw: bool,
+    ) -> list[list[Hit]]:
+        """The search, with the others of this turn of the loop, on the loop's thread (:meth:`_flush`).
+
+        No timer: the deadline is checked when the turn's searches start (they start within
+        the turn, or the next ones when a turn's budget ran out).
+        """
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        job = self._job(searcher, queries, k, expand, None, timeout_s, raw, loop=loop, afuture=future)
+        pending = self._pending.get(loop)
+        if pending is None:
+            pending = self._pending[loop] = []
+            loop.call_soon(self._flush, loop)
+        pending.append(job)
+        return await future
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """In the loop: this turn's pending searches, grouped by kind, searched and answered.
+
+        Callers that went away, or whose deadline passed, are dropped first (and counted).
+        Past :data:`LOOP_BUDGET_S` of estimated search the rest is left for the next turn.
+        """
+        jobs = self._pending.pop(loop)
+        faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP setting, as a worker's
+        groups: dict[tuple[int, bool, bool], list[_Job]] = {}
+        spent = 0.0
+        for at, job in enumerate(jobs):
+            why = job.start()
+            if why is not None:
+                if why == "late" and job.afuture is not None and not job.afuture.done():
+                    job.afuture.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
+                if self.on_drop is not None:
+                    self.on_drop(why)
+                continue
+            if spent >= LOOP_BUDGET_S:  # the loop reads its sockets first; the rest next turn
+                self._pending[loop] = jobs[at:]
+                loop.call_soon(self._flush, loop)
+                break
+            spent += self._cost.get(job.searcher, {}).get((job.expand, job.raw), 0.0) * len(job.queries)
+            groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
+        for group in groups.values():
+            outcomes = self._answer(group)
+            self.inline += len(group)
+            _settle([(j.afuture, outcome) for j, outcome in outcomes if j.afuture is not None])
+
     def _idle(self) -> bool:
         return not any(self._working) and self._batched.qsize() == 0
 
     def _measured(self, searcher: Searcher, expand: bool, raw: bool, rows: int, seconds: float) -> None:
-        """Record a search's time as its kind's cost when it was small enough to inline."""
-        if rows <= INLINE_MAX_ROWS:
-            self._cost.setdefault(searcher, {})[(expand, raw)] = seconds
+        """Record a search's seconds per row as its kind's estimated cost per row.
+
+        A search of up to :data:`INLINE_MAX_ROWS` rows sets it; a larger batch, whose cost per
+        row flatters a single query's (one GEMM for an exact scan), may only raise it.
+        """
+        per_row = seconds / max(rows, 1)
+        costs = self._cost.setdefault(searcher, {})
+        if rows <= INLINE_MAX_ROWS or per_row > costs.get((expand, raw), 0.0):
+            costs[(expand, raw)] = per_row
 
     def search(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -13,6 +14,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def default_local_copy_dir() -> Path:
     """``$TMPDIR/aqe-local-copy-<uid>``: one per user, so no other user's directory is trusted."""
     return Path(tempfile.gettempdir()) / f"aqe-local-copy-{os.geteuid()}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; not a container's CPU quota)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -43,6 +52,14 @@ class Settings(BaseSettings):
         le=64,
         description="threads running batched searches (concurrent requests are "
         "gathered into one FAISS call per worker)",
+    )
+    search_on_loop: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="search cheap unfiltered queries on the event loop's own thread, batching "
+        "those that arrived in the same turn of the loop, instead of handing them to the "
+        "search threads: faster when every core has its own worker process, slower when one "
+        "process must use several cores; auto: on when AQE_WORKERS is at least the cores "
+        "this process may run on",
     )
     max_queue: int = Field(
         256,
@@ -105,6 +122,12 @@ class Settings(BaseSettings):
         description="set by search-service for AQE_WORKERS > 1 (a fresh private directory): "
         "the workers' shared metrics files and reload counter; not a setting to give",
     )
+
+    def searches_on_loop(self) -> bool:
+        """Whether :attr:`search_on_loop` is on here (``auto``: a worker per usable core or more)."""
+        if self.search_on_loop != "auto":
+            return self.search_on_loop == "on"
+        return self.workers >= usable_cores()
 
     @field_validator("admin_token", mode="before")
     @classmethod

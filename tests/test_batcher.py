@@ -244,13 +244,14 @@ class _Threads:
     """A searcher stand-in that remembers the thread each search ran on (and can be slow)."""
 
     def __init__(self, searcher: Searcher, seconds: float = 0.0) -> None:
-        self.searcher, self.seconds, self.threads = searcher, seconds, []
+        self.searcher, self.seconds, self.threads, self.rows = searcher, seconds, [], []
 
     def check_queries(self, queries):
         return self.searcher.check_queries(queries)
 
     def search_checked(self, queries, k, expand=True, filters=None, raw=False):
         self.threads.append(threading.current_thread().name)
+        self.rows.append(len(queries))
         time.sleep(self.seconds)
         return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
 
@@ -354,3 +355,123 @@ def test_a_caller_gone_while_deciding_to_inline_is_counted_as_dropped(searcher, 
     finally:
         batcher.close()
     assert drops == ["gone"] and len(recording.threads) == 1
+
+
+def test_on_the_loop_a_turns_requests_share_one_search_on_the_loops_thread(searcher, small_gallery):
+    """Timed once on a worker, then the cheap unfiltered requests of a turn in few calls, here."""
+    from service.batcher import LOOP_BUDGET_S, LOOP_MAX_S
+
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, on_loop=True)
+    recording = _Threads(searcher)
+    here = threading.current_thread().name
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)  # its kind untimed: a worker times it
+        together = await asyncio.gather(
+            *(batcher.search_async(recording, x[i : i + 1], 2) for i in range(16))
+        )
+        filtered = await batcher.search_async(recording, x[:1], 2, filters={"camera": 1})
+        return together, filtered
+
+    try:
+        together, filtered = asyncio.run(main())
+    finally:
+        batcher.close()
+    turns = recording.threads[1:-1]  # a turn searches for at most its budget (LOOP_BUDGET_S)
+    assert recording.threads[0] == "search-batcher-0" and recording.threads[-1] == "search-filtered-0"
+    assert set(turns) == {here} and sum(recording.rows[1:-1]) == 16 and batcher.inline == 16
+    assert len(turns) <= LOOP_BUDGET_S // LOOP_MAX_S  # at most LOOP_MAX_S a row estimated
+    for i, hits in enumerate(together):  # a batch's scores may differ from one query's in the last bits
+        [want] = searcher.search(x[i : i + 1], 2)
+        assert [h.row for h in hits[0]] == [h.row for h in want]
+        np.testing.assert_allclose([h.score for h in hits[0]], [h.score for h in want], atol=1e-5)
+    assert filtered == searcher.search(x[:1], 2, filters={"camera": 1})
+
+
+def test_on_the_loop_a_turn_searches_for_its_budget_then_lets_the_loop_run(searcher, small_gallery):
+    from service.batcher import LOOP_BUDGET_S
+
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, on_loop=True)
+    per_call = 0.0005  # a search of any size sleeps this long: 16 one-row searches fill a budget
+    recording = _Threads(searcher, seconds=per_call)
+    ticks: list[int] = []
+
+    async def ticker():
+        while True:  # counts the loop's turns between searches
+            ticks.append(len(recording.rows))
+            await asyncio.sleep(0)
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)
+        tick = asyncio.ensure_future(ticker())
+        got = await asyncio.gather(
+            *(batcher.search_async(recording, x[i % 50 : i % 50 + 1], 2) for i in range(48))
+        )
+        tick.cancel()
+        return got
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        batcher.close()
+    searched = recording.rows[1:]
+    assert sum(searched) == 48 and len(searched) >= 3  # at least 0.5 ms a row, 8 ms a turn
+    assert max(searched) <= LOOP_BUDGET_S / per_call + 1
+    assert len(set(ticks)) >= len(searched)  # the loop ran between the turns' searches
+    assert all(len(hits[0]) == 2 for hits in got)
+
+
+def test_on_the_loop_callers_gone_or_late_are_dropped_and_counted(searcher, small_gallery):
+    x, _ = small_gallery
+    drops: list[str] = []
+    batcher = Batcher(workers=1, on_loop=True, on_drop=drops.append)
+    recording = _Threads(searcher)
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)
+        gone = asyncio.ensure_future(batcher.search_async(recording, x[1:2], 2))
+        late = asyncio.ensure_future(batcher.search_async(recording, x[2:3], 2, timeout_s=1e-9))
+        kept = asyncio.ensure_future(batcher.search_async(recording, x[3:4], 2))
+        await asyncio.sleep(0)  # all three are pending for the next turn
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        with pytest.raises(DeadlineExceeded):
+            await late
+        return await kept
+
+    try:
+        kept = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert sorted(drops) == ["gone", "late"] and recording.rows == [1, 1]
+    assert kept == searcher.search(x[3:4], 2)
+
+
+def test_on_the_loop_an_expensive_kind_still_goes_to_the_workers(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, on_loop=True)
+    slow = _Threads(searcher, seconds=0.01)  # over LOOP_MAX_S a row
+
+    async def main():
+        for i in range(3):
+            await batcher.search_async(slow, x[i : i + 1], 2)
+
+    try:
+        asyncio.run(main())
+    finally:
+        batcher.close()
+    assert slow.threads == ["search-batcher-0"] * 3 and batcher.inline == 0
+
+
+def test_search_on_loop_is_on_by_default_with_a_worker_process_per_core(tmp_path, monkeypatch):
+    from service import settings as settings_module
+    from service.settings import Settings
+
+    monkeypatch.setattr(settings_module, "usable_cores", lambda: 2)
+    assert not Settings(index_root=tmp_path, workers=1).searches_on_loop()
+    assert Settings(index_root=tmp_path, workers=2).searches_on_loop()
+    assert Settings(index_root=tmp_path, workers=1, search_on_loop="on").searches_on_loop()
+    assert not Settings(index_root=tmp_path, workers=4, search_on_loop="off").searches_on_loop()
