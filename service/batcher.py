@@ -25,9 +25,9 @@ An idle batcher answers a lone small search inline (:meth:`Batcher.search_async`
 loop's own thread, with no hand-off to a worker and back. Each hand-off wakes a sleeping thread
 (measured in process at 200,000 x 256 on the 2 shared cores, load average 9: a median of 0.97 ms
 for a search inline against 1.68 ms through a worker). Only a search that is cheap enough to
-hold the loop for is inlined: unfiltered, at most :data:`INLINE_MAX_ROWS` queries, and of a kind
-(version, expansion flag, mode) whose last search measured at most :data:`INLINE_MAX_S`; the
-first search of each kind runs on a worker and is timed there.
+hold the loop for is inlined: unfiltered, at most :data:`INLINE_MAX_ROWS` queries, estimated at
+most :data:`INLINE_MAX_S` (its rows times the measured cost per row of its kind: version,
+expansion flag, mode); the first search of each kind runs on a worker and is timed there.
 
 On-loop batching (``on_loop``, the service's ``AQE_SEARCH_ON_LOOP``): when each core has a
 worker process of its own, cheap unfiltered searches are not handed to the threads at all. Each
@@ -358,12 +358,13 @@ class Batcher:
         """In the loop: this turn's pending searches, grouped by kind, searched and answered.
 
         Callers that went away, or whose deadline passed, are dropped first (and counted).
-        Past :data:`LOOP_BUDGET_S` of estimated search the rest is left for the next turn.
+        Past :data:`LOOP_BUDGET_S` of estimated search, or ``max_rows`` rows, the rest is left for
+        the next turn.
         """
         jobs = self._pending.pop(loop)
         faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP setting, as a worker's
         groups: dict[tuple[int, bool, bool], list[_Job]] = {}
-        spent = 0.0
+        spent, rows = 0.0, 0
         for at, job in enumerate(jobs):
             why = job.start()
             if why is not None:
@@ -372,11 +373,12 @@ class Batcher:
                 if self.on_drop is not None:
                     self.on_drop(why)
                 continue
-            if spent >= LOOP_BUDGET_S:  # the loop reads its sockets first; the rest next turn
-                self._pending[loop] = jobs[at:]
+            if spent >= LOOP_BUDGET_S or rows >= self.max_rows:  # the loop reads its sockets first
+                self._pending[loop] = jobs[at:]  # and the rest is searched in the next turn
                 loop.call_soon(self._flush, loop)
                 break
             spent += self._cost.get(job.searcher, {}).get((job.expand, job.raw), 0.0) * len(job.queries)
+            rows += len(job.queries)
             groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
         for group in groups.values():
             outcomes = self._answer(group)

@@ -256,8 +256,12 @@ class _Threads:
         return self.searcher.search_checked(queries, k, expand, filters, raw=raw)
 
 
-def test_an_idle_batcher_answers_a_lone_small_search_inline(searcher, small_gallery):
+def test_an_idle_batcher_answers_a_lone_small_search_inline(searcher, small_gallery, monkeypatch):
     """Inline once its kind was timed cheap; the same answers; never a filter or a large batch."""
+    import service.batcher
+
+    # "cheap" by any timing: on a loaded machine a 600-row search can take over the real 2 ms
+    monkeypatch.setattr(service.batcher, "INLINE_MAX_S", 1.0)
     x, _ = small_gallery
     batcher = Batcher(workers=1)
     recording = _Threads(searcher)
@@ -475,3 +479,20 @@ def test_search_on_loop_is_on_by_default_with_a_worker_process_per_core(tmp_path
     assert Settings(index_root=tmp_path, workers=2).searches_on_loop()
     assert Settings(index_root=tmp_path, workers=1, search_on_loop="on").searches_on_loop()
     assert not Settings(index_root=tmp_path, workers=4, search_on_loop="off").searches_on_loop()
+
+
+def test_on_the_loop_a_turn_searches_at_most_max_rows(searcher, small_gallery):
+    x, _ = small_gallery
+    batcher = Batcher(workers=1, max_rows=8, on_loop=True)
+    recording = _Threads(searcher)
+
+    async def main():
+        await batcher.search_async(recording, x[:1], 2)
+        return await asyncio.gather(*(batcher.search_async(recording, x[i : i + 2], 2) for i in range(20)))
+
+    try:
+        got = asyncio.run(main())
+    finally:
+        batcher.close()
+    assert sum(recording.rows[1:]) == 40 and max(recording.rows[1:]) <= 8
+    assert all(len(hits) == 2 for hits in got)
