@@ -341,32 +341,55 @@ class Batcher:
     ) -> list[list[Hit]]:
         """The search, with the others of this turn of the loop, on the loop's thread (:meth:`_flush`).
 
-        No timer: the deadline is checked when the turn's searches start (they start within
-        the turn, or the next ones when a turn's budget ran out).
+        The first request of a turn leads it: it yields to the loop once, so the requests read
+        in the same turn join it, then searches them all and answers them (measured with the
+        search stubbed out, in process: 200 us a request when a callback searched the turn
+        and the first request waited for its future too, 163 us inline). No timer: the
+        deadline is checked when the turn's searches start (within the turn, or in the next
+        ones when a turn's budget ran out).
         """
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        job = self._job(searcher, queries, k, expand, None, timeout_s, raw, loop=loop, afuture=future)
         pending = self._pending.get(loop)
-        if pending is None:
-            pending = self._pending[loop] = []
-            loop.call_soon(self._flush, loop)
-        pending.append(job)
-        return await future
+        if pending is not None:  # this turn has a leader (or a callback) that will search it
+            future = loop.create_future()
+            pending.append(
+                self._job(searcher, queries, k, expand, None, timeout_s, raw, loop=loop, afuture=future)
+            )
+            return await future
+        own = self._job(searcher, queries, k, expand, None, timeout_s, raw)
+        self._pending[loop] = []
+        try:
+            await asyncio.sleep(0)  # the requests that arrived with this one join the turn
+        except asyncio.CancelledError:  # gone before searching: the others go to a callback
+            if self._pending.get(loop):
+                loop.call_soon(self._flush, loop)
+            else:
+                self._pending.pop(loop, None)
+            if self.on_drop is not None:
+                self.on_drop("gone")
+            raise
+        result, error = self._flush(loop, own)
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
 
-    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
-        """In the loop: this turn's pending searches, grouped by kind, searched and answered.
+    def _flush(self, loop: asyncio.AbstractEventLoop, own: _Job | None = None) -> Outcome:
+        """In the loop: this turn's pending searches (``own`` first), grouped by kind, searched.
 
-        Callers that went away, or whose deadline passed, are dropped first (and counted).
-        Past :data:`LOOP_BUDGET_S` of estimated search, or ``max_rows`` rows, the rest is left for
+        Each waiting caller is answered; ``own``'s outcome (the leader's) is returned. Callers
+        that went away, or whose deadline passed, are dropped first (and counted). Past
+        :data:`LOOP_BUDGET_S` of estimated search, or ``max_rows`` rows, the rest is left for
         the next turn.
         """
         jobs = self._pending.pop(loop)
+        if own is not None:
+            jobs.insert(0, own)
         faiss.omp_set_num_threads(self.threads)  # this thread's OpenMP setting, as a worker's
         groups: dict[tuple[int, bool, bool], list[_Job]] = {}
         spent, rows = 0.0, 0
         for at, job in enumerate(jobs):
-            why = job.start()
+            why = None if job is own else job.start()
             if why is not None:
                 if why == "late" and job.afuture is not None and not job.afuture.done():
                     job.afuture.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
@@ -380,10 +403,13 @@ class Batcher:
             spent += self._cost.get(job.searcher, {}).get((job.expand, job.raw), 0.0) * len(job.queries)
             rows += len(job.queries)
             groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
+        mine: Outcome = (None, None)
         for group in groups.values():
             outcomes = self._answer(group)
             self.inline += len(group)
             _settle([(j.afuture, outcome) for j, outcome in outcomes if j.afuture is not None])
+            mine = next((outcome for j, outcome in outcomes if j is own), mine)
+        return mine
 
     def _idle(self) -> bool:
         return not any(self._working) and self._batched.qsize() == 0
