@@ -160,3 +160,14 @@ def test_both_workers_serve_and_a_killed_one_is_replaced_on_its_socket(built_roo
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_several_workers_on_a_port_in_use_exit_1_naming_the_address(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        env = {**os.environ, "AQE_INDEX_ROOT": str(tmp_path), "AQE_PORT": str(port), "AQE_WORKERS": "2"}
+        proc = subprocess.run(
+            [sys.executable, "-m", "service.main"], env=env, capture_output=True, text=True, timeout=60
+        )
+    assert proc.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
