@@ -186,7 +186,8 @@ def main() -> None:
         np.save(queries_file, np.asarray(x[-a.queries :], np.float32))
         np.save(gallery, np.asarray(x[: -a.queries], np.float32))
     queries = np.load(queries_file)
-    res["data"] = {"gallery": str(gallery), "n": int(np.load(gallery, mmap_mode="r").shape[0]), "d": a.d}
+    n, d = np.load(gallery, mmap_mode="r").shape  # --d is the synthetic data's; --data has its own
+    res["data"] = {"gallery": str(gallery), "n": int(n), "d": int(d)}
 
     root = work / f"{tag}_root_{a.serving_index}"
     if not (root / "current").exists():
