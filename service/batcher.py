@@ -299,14 +299,12 @@ class Batcher:
         decides (they then batch on the workers, and so does it). Raises what
         :meth:`submit_async` would.
         """
-        if self.on_loop and not filters:
-            per_row = self._cost.get(searcher, {}).get((expand, raw))
-            if per_row is not None and per_row * len(queries) <= LOOP_MAX_S:
-                return await self._on_loop(searcher, queries, k, expand, timeout_s, raw)
+        estimate = None if filters else self._estimate(searcher, expand, raw, len(queries))
+        if self.on_loop and estimate is not None and estimate <= LOOP_MAX_S:
+            return await self._on_loop(searcher, queries, k, expand, timeout_s, raw)
         if filters or len(queries) > INLINE_MAX_ROWS or self._inline_claimed:
             return await self.submit_async(searcher, queries, k, expand, filters, timeout_s, raw)
-        per_row = self._cost.get(searcher, {}).get((expand, raw))
-        if per_row is None or per_row * len(queries) > INLINE_MAX_S or not self._idle():
+        if estimate is None or estimate > INLINE_MAX_S or not self._idle():
             return await self.submit_async(searcher, queries, k, expand, filters, timeout_s, raw)
         checked = searcher.check_queries(queries)
         self._inline_claimed = True
@@ -400,7 +398,7 @@ class Batcher:
                 self._pending[loop] = jobs[at:]  # and the rest is searched in the next turn
                 loop.call_soon(self._flush, loop)
                 break
-            spent += self._cost.get(job.searcher, {}).get((job.expand, job.raw), 0.0) * len(job.queries)
+            spent += self._estimate(job.searcher, job.expand, job.raw, len(job.queries)) or 0.0
             rows += len(job.queries)
             groups.setdefault((id(job.searcher), job.expand, job.raw), []).append(job)
         mine: Outcome = (None, None)
@@ -413,6 +411,11 @@ class Batcher:
 
     def _idle(self) -> bool:
         return not any(self._working) and self._batched.qsize() == 0
+
+    def _estimate(self, searcher: Searcher, expand: bool, raw: bool, rows: int) -> float | None:
+        """Estimated seconds of a search of ``rows`` rows of this kind (None: not timed yet)."""
+        per_row = self._cost.get(searcher, {}).get((expand, raw))
+        return None if per_row is None else per_row * rows
 
     def _measured(self, searcher: Searcher, expand: bool, raw: bool, rows: int, seconds: float) -> None:
         """Record a search's seconds per row as its kind's estimated cost per row.

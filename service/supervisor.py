@@ -21,6 +21,7 @@ plain bind, which fails as uvicorn's own bind would when anything already listen
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,8 +34,6 @@ BACKLOG = 2048
 
 def reuseport_available() -> bool:
     """Whether this platform balances connections over ``SO_REUSEPORT`` sockets (Linux does)."""
-    import sys
-
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
