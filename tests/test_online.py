@@ -11,7 +11,7 @@ from reference import normalize, reference_aqe
 from aqe_retrieval import artifact
 from aqe_retrieval.aqe import normalize_rows
 from aqe_retrieval.faiss_search import exact_knn
-from aqe_retrieval.online import expand_online, gallery_level
+from aqe_retrieval.online import expand_batch, expand_online, gallery_level
 from aqe_retrieval.searcher import Searcher
 from index_builder.build import build
 from index_builder.config import BuildConfig
@@ -32,6 +32,7 @@ def test_expand_online_over_reference_levels_follows_the_contract(qe_k, alpha, q
         _, gallery, _ = reference_aqe(gallery[:0], gallery, 1, qe_k, alpha)
     queries = random_data(6, 16, seed=1) * 0.2 + g[:6]
     ours = expand_online(queries, levels, qe_k, alpha)
+    one_by_one = np.concatenate([expand_online(q[None], levels, qe_k, alpha) for q in queries])
     for i, q in enumerate(queries):
         want, level = q[None], g
         for _ in range(qe_times):  # round t: the query against level t - 1
@@ -40,6 +41,29 @@ def test_expand_online_over_reference_levels_follows_the_contract(qe_k, alpha, q
                 reference_aqe(level[:0], level, 1, qe_k, alpha),
             )
         np.testing.assert_allclose(ours[i], want[0], rtol=0, atol=1e-5 * np.linalg.norm(want[0]))
+        np.testing.assert_allclose(one_by_one[i], want[0], rtol=0, atol=1e-5 * np.linalg.norm(want[0]))
+
+
+@pytest.mark.parametrize(
+    ("qe_k", "alpha", "qe_times", "dtype"),
+    [(6, 3.0, 1, np.float32), (4, 0.5, 2, np.float32), (2, 1.0, 3, np.float16), (10, 2.5, 1, np.float16)],
+)
+def test_one_query_expands_as_it_does_in_a_batch(qe_k, alpha, qe_times, dtype):
+    """The one-row path (``expand_one``) against the batch path, row by row: float16 levels,
+    non-integer alpha with negative cosines (weight 0), several rounds."""
+    g = random_data(400, 24, seed=qe_k)  # random rows: many neighbours have negative cosines
+    levels, gallery = [], g
+    for _ in range(qe_times):
+        u, norms = normalize_rows(gallery)
+        levels.append(gallery_level(u.astype(dtype), norms))
+        _, gallery, _ = reference_aqe(gallery[:0], gallery, 1, qe_k, alpha)
+    queries = random_data(40, 24, seed=7) * 3.0
+    batch = expand_online(queries, levels, qe_k, alpha)
+    for i, q in enumerate(queries):
+        one = expand_online(q[None], levels, qe_k, alpha)
+        np.testing.assert_array_equal(expand_batch(q[None], levels, qe_k, alpha)[0], batch[i])
+        assert one.shape == (1, 24) and one.dtype == np.float32
+        np.testing.assert_allclose(one[0], batch[i], rtol=0, atol=1e-6 * np.linalg.norm(batch[i]))
 
 
 def test_qe_k_1_leaves_the_query_as_it_is():
