@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -50,3 +51,10 @@ def search_until(client: Any, x: np.ndarray, stop: Any, seed: int, k: int) -> li
             client.post("/search", json={"embedding": x[r.integers(len(x))].tolist(), "k": k}).status_code
         )
     return codes
+
+
+def free_port() -> int:
+    """A loopback TCP port that was free a moment ago (for a server a test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -18,8 +18,9 @@ from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
 from service.app import create_app
 from service.settings import Settings
+from tests.helpers import free_port
 from tests.test_incremental import D, build, same_results
-from tests.test_server_process import free_port, started
+from tests.test_server_process import started
 
 AUTH = {"Authorization": "Bearer secret"}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import clustered_data
+from helpers import clustered_data, free_port
 from memcg import MemoryCgroup, unavailable
 
 from aqe_retrieval import artifact
@@ -298,7 +297,7 @@ def test_the_service_in_a_cgroup_smaller_than_its_version_keeps_answering(
     files = sum(p.stat().st_size for p in version.iterdir())
     limit = 128 * MiB
     assert limit < files  # the mapped version cannot all be resident at once
-    port = _free_port()
+    port = free_port()
     env = {**_env(), "AQE_INDEX_ROOT": str(root), "AQE_PORT": str(port), "AQE_RELOAD_INTERVAL_S": "0"}
     queries = x[::2000] * 1.05 + 0.01
     with MemoryCgroup(limit, "aqe-service") as cg, (tmp_path / "server.log").open("wb") as log:
@@ -323,12 +322,6 @@ def test_the_service_in_a_cgroup_smaller_than_its_version_keeps_answering(
     got = [[Hit(int(h["id"]), h["score"]) for h in hits] for hits in served]
     _assert_same_hits(got, want, tol=1e-4)
     assert stat["total_rss"] < limit
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import clustered_data
+from helpers import clustered_data, free_port
 
 from aqe_retrieval import artifact
 from index_builder import dist_knn
@@ -144,17 +143,11 @@ def test_row_range_tasks_fit_the_worker_share() -> None:
     assert ClusterSpec("local:1", rows_per_task=100).rows_for(768) == 100
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_worker_killed_mid_build(tmp_path, gallery) -> None:
     """``dask worker --no-nanny`` processes; one SIGKILLed mid-build; the build still publishes the same."""
     ref = _build(gallery, tmp_path / "ref", EXACT, 2, None)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), *sys.path) if p)}
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     dask = [sys.executable, "-m", "dask"]  # the `dask` command, with this interpreter
     procs = [
         subprocess.Popen(
@@ -304,7 +297,7 @@ def test_a_gallery_larger_than_any_worker_builds_in_bounded_memory(tmp_path) -> 
     assert main(_cli(gallery, tmp_path / "ref")) == 0
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), *sys.path) if p)}
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     dask = [sys.executable, "-m", "dask"]
     with contextlib.ExitStack() as stack:
         cgroups = [stack.enter_context(MemoryCgroup(WORKER_LIMIT, "aqe-dask")) for _ in range(4)]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_server_process import free_port
+from helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from test_server_process import free_port
+from helpers import free_port
 
 from aqe_retrieval import artifact
 from index_builder.cli import main as builder

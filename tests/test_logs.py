@@ -8,7 +8,7 @@ import sys
 import time
 
 import httpx
-from test_server_process import free_port
+from helpers import free_port
 
 
 def test_search_service_starts_without_faiss_loader_lines(tmp_path):

@@ -12,14 +12,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from helpers import free_port
 
 from index_builder.cli import main as builder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def started(log: Path) -> int:
