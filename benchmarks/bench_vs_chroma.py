@@ -16,7 +16,9 @@ then Chroma, so both see the same background load), and recall@10 of the 1,000 h
 
 Plus raw in-process ``Searcher.search`` at batch 32 (the ceiling the HTTP figures are read
 against), measured at the start and again just before each concurrency level, and the load
-average before and after.
+average before and after. ``--rounds N`` repeats each level's interleaved raw / ours / Chroma
+measurement N times and reports the medians: single 5-second windows on a shared VM vary by
+more than the targets' margins.
 
 Chroma lives in its own environment, so its client library never meets ours::
 
@@ -165,6 +167,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="our AQE_WORKERS")
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="interleaved rounds per concurrency level (raw, ours, Chroma each time); medians reported",
+    )
     p.add_argument("--encoding", default="json", choices=["json", "float32"], help="our request bodies")
     p.add_argument("--chroma-python", default="venv-chroma/bin/python", help="Chroma's own venv (docstring)")
     p.add_argument("--chroma-bin", default="venv-chroma/bin/chroma")
@@ -281,16 +289,19 @@ def main() -> None:
             res["chroma_recall_at_10"] = round(recall(json.loads(got.stdout), truth_raw, k), 4)
         res["concurrency"] = []
         for c in (int(v) for v in a.concurrency.split(",")):
-            # the anchor again, just before (both services idle): the machine's speed drifts (the
-            # same index and code measured 3,272 and 2,452 q/s five hours apart), so each ratio is to
-            # a figure taken next to it
-            row = {"clients": c, "raw_batch32_qps": raw_qps()}
-            row["ours"] = run_in_subprocess(ours, queries, k, c, a.seconds, work, encoding=a.encoding)
-            if chroma_url and chroma_path:
-                row["chroma"] = run_in_subprocess(
-                    chroma_url, queries, k, c, a.seconds, work, path=chroma_path, encoding="chroma"
-                )
-            res["concurrency"].append(row)
+            rounds = []
+            for _ in range(max(a.rounds, 1)):
+                # the anchor again, just before (both services idle): the machine's speed drifts
+                # (the same index and code measured 3,272 and 2,452 q/s five hours apart), so each
+                # ratio is to a figure taken next to it
+                one = {"raw_batch32_qps": raw_qps()}
+                one["ours"] = run_in_subprocess(ours, queries, k, c, a.seconds, work, encoding=a.encoding)
+                if chroma_url and chroma_path:
+                    one["chroma"] = run_in_subprocess(
+                        chroma_url, queries, k, c, a.seconds, work, path=chroma_path, encoding="chroma"
+                    )
+                rounds.append(one)
+            res["concurrency"].append(level_medians(c, rounds))
     finally:
         for proc in procs:
             proc.terminate()
@@ -302,20 +313,38 @@ def main() -> None:
         a.json.write_text(json.dumps(res, indent=2))
 
 
+def level_medians(clients: int, rounds: list[dict]) -> dict:
+    """One concurrency level's figures: each the median over its rounds (listed under ``rounds``)."""
+
+    def median(values: list[float]) -> float:
+        return round(float(np.median(values)), 3)
+
+    row: dict = {"clients": clients, "raw_batch32_qps": median([r["raw_batch32_qps"] for r in rounds])}
+    row["of_raw"] = median([r["ours"]["qps"] / r["raw_batch32_qps"] for r in rounds])
+    for system in ("ours", "chroma"):
+        if system in rounds[0]:
+            figures = [r[system] for r in rounds]
+            row[system] = {key: median([f[key] for f in figures]) for key in ("qps", "p50_ms", "p99_ms")}
+            row[system]["errors"] = sum(f["errors"] for f in figures)
+    if len(rounds) > 1:
+        row["rounds"] = rounds
+    return row
+
+
 def report(res: dict) -> None:
     """The comparison in a few lines, with each target."""
     raw = res["raw_batch32_qps"]
     ours, chroma = res["ours_recall_at_10"], res.get("chroma_recall_at_10")
     print(f"\nrecall@10: ours {ours} (against its own exact search), Chroma {chroma} (against exact)")
-    anchors = [raw] + [row["raw_batch32_qps"] for row in res["concurrency"] if "raw_batch32_qps" in row]
+    anchors = [raw] + [r["raw_batch32_qps"] for row in res["concurrency"] for r in row.get("rounds", [row])]
     print(
         f"raw in-process Searcher.search at batch 32: {raw:.0f} q/s at the start, "
-        f"{min(anchors):.0f}-{max(anchors):.0f} over the run (each row's ratio is to the one just before it)"
+        f"{min(anchors):.0f}-{max(anchors):.0f} over the run (each ratio is to the anchor just before it)"
     )
     for row in res["concurrency"]:
         o, c = row["ours"], row.get("chroma")
         line = f"{row['clients']:>3} clients: ours {o['qps']:>7.0f} q/s p50 {o['p50_ms']:.2f} "
-        line += f"p99 {o['p99_ms']:.2f} ms ({o['qps'] / row.get('raw_batch32_qps', raw):.2f} of raw)"
+        line += f"p99 {o['p99_ms']:.2f} ms ({row['of_raw']:.2f} of raw)"
         if c:
             line += f" | Chroma {c['qps']:>6.0f} q/s p50 {c['p50_ms']:.2f} p99 {c['p99_ms']:.2f} ms"
             ratio = o["qps"] / max(c["qps"], 1e-9)
