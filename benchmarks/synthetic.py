@@ -31,7 +31,11 @@ def generate(
     block: int = 65536,
     labels_out: Path | None = None,
 ) -> None:
-    """Write an (n, d) ``.npy`` of structured embeddings to ``out`` (memory: O(block * d))."""
+    """Write an (n, d) ``.npy`` of structured embeddings to ``out`` (memory: O(block * d)).
+
+    The latent rank is at most ``d`` (``d`` dimensions hold no more orthonormal directions).
+    """
+    rank = min(rank, d)
     rng = np.random.default_rng(seed)
     sizes = rng.integers(1, 2 * per_id + 1, size=n // per_id + n)
     labels = np.repeat(np.arange(len(sizes)), sizes)[:n]
