@@ -179,6 +179,8 @@ def main() -> None:
     p.add_argument("--skip-chroma", action="store_true")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     work = a.workdir
     work.mkdir(parents=True, exist_ok=True)
     k = a.k
@@ -290,17 +292,19 @@ def main() -> None:
         res["concurrency"] = []
         for c in (int(v) for v in a.concurrency.split(",")):
             rounds = []
-            for _ in range(max(a.rounds, 1)):
+            for _ in range(a.rounds):
                 # the anchor again, just before (both services idle): the machine's speed drifts
                 # (the same index and code measured 3,272 and 2,452 q/s five hours apart), so each
                 # ratio is to a figure taken next to it
-                one = {"raw_batch32_qps": raw_qps()}
-                one["ours"] = run_in_subprocess(ours, queries, k, c, a.seconds, work, encoding=a.encoding)
+                measured = {
+                    "raw_batch32_qps": raw_qps(),
+                    "ours": run_in_subprocess(ours, queries, k, c, a.seconds, work, encoding=a.encoding),
+                }
                 if chroma_url and chroma_path:
-                    one["chroma"] = run_in_subprocess(
+                    measured["chroma"] = run_in_subprocess(
                         chroma_url, queries, k, c, a.seconds, work, path=chroma_path, encoding="chroma"
                     )
-                rounds.append(one)
+                rounds.append(measured)
             res["concurrency"].append(level_medians(c, rounds))
     finally:
         for proc in procs:
