@@ -1,7 +1,9 @@
 """This project's search service against a Chroma server on the same data and queries, in one run.
 
-Both servers run on this machine over loopback, each in its own process(es), driven by the lean
-keep-alive client of http_load.py (its own process). For each: p50 / p99 latency and
+Both servers run on this machine over loopback, each in its own process(es), driven by the same
+keep-alive load client (http_load.py in its own process; it runs ``wrk`` where that is
+installed, ``--client`` to choose: on these 2 shared cores the client's own CPU comes out of the
+servers'). For each: p50 / p99 latency and
 throughput at 1 / 8 / 32 / 64 connections, interleaved (every concurrency level measures ours,
 then Chroma, so both see the same background load), and recall@10 of the 1,000 held-out queries:
 
@@ -18,7 +20,8 @@ Plus raw in-process ``Searcher.search`` at batch 32 (the ceiling the HTTP figure
 against), measured at the start and again just before each concurrency level, and the load
 average before and after. ``--rounds N`` repeats each level's interleaved raw / ours / Chroma
 measurement N times and reports the medians: single 5-second windows on a shared VM vary by
-more than the targets' margins.
+more than the targets' margins. Each ratio (of raw, ours against Chroma) is the median of the
+rounds' own ratios, each taken from measurements made side by side.
 
 Chroma lives in its own environment, so its client library never meets ours::
 
@@ -47,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_service import batch_qps  # noqa: E402
-from http_load import run_in_subprocess  # noqa: E402
+from http_load import CLIENTS, run_in_subprocess  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 COLLECTION = "bench"
@@ -174,6 +177,7 @@ def main() -> None:
         help="interleaved rounds per concurrency level (raw, ours, Chroma each time); medians reported",
     )
     p.add_argument("--encoding", default="json", choices=["json", "float32"], help="our request bodies")
+    p.add_argument("--client", default="auto", choices=CLIENTS, help="auto: wrk where installed")
     p.add_argument("--chroma-python", default="venv-chroma/bin/python", help="Chroma's own venv (docstring)")
     p.add_argument("--chroma-bin", default="venv-chroma/bin/chroma")
     p.add_argument("--skip-chroma", action="store_true")
@@ -298,11 +302,13 @@ def main() -> None:
                 # ratio is to a figure taken next to it
                 measured = {
                     "raw_batch32_qps": raw_qps(),
-                    "ours": run_in_subprocess(ours, queries, k, c, a.seconds, work, encoding=a.encoding),
+                    "ours": run_in_subprocess(
+                        ours, queries, k, c, a.seconds, work, encoding=a.encoding, client=a.client
+                    ),
                 }
                 if chroma_url and chroma_path:
                     measured["chroma"] = run_in_subprocess(
-                        chroma_url, queries, k, c, a.seconds, work, path=chroma_path, encoding="chroma"
+                        chroma_url, queries, k, c, a.seconds, work, chroma_path, "chroma", a.client
                     )
                 rounds.append(measured)
             res["concurrency"].append(level_medians(c, rounds))
@@ -318,7 +324,12 @@ def main() -> None:
 
 
 def level_medians(clients: int, rounds: list[dict]) -> dict:
-    """One concurrency level's figures: each the median over its rounds (listed under ``rounds``)."""
+    """One concurrency level's figures: each the median over its rounds (listed under ``rounds``).
+
+    The ratios too are medians of each round's own ratio (``of_raw``: ours to the raw anchor
+    measured just before it; ``qps_vs_chroma``, ``p50_vs_chroma``: ours to Chroma's, measured
+    next to each other), not ratios of the medians, which may come from different rounds.
+    """
 
     def median(values: list[float]) -> float:
         return round(float(np.median(values)), 3)
@@ -330,6 +341,10 @@ def level_medians(clients: int, rounds: list[dict]) -> dict:
             figures = [r[system] for r in rounds]
             row[system] = {key: median([f[key] for f in figures]) for key in ("qps", "p50_ms", "p99_ms")}
             row[system]["errors"] = sum(f["errors"] for f in figures)
+            row[system]["client"] = figures[0].get("client")
+    if "chroma" in rounds[0]:
+        row["qps_vs_chroma"] = median([r["ours"]["qps"] / max(r["chroma"]["qps"], 1e-9) for r in rounds])
+        row["p50_vs_chroma"] = median([r["ours"]["p50_ms"] / r["chroma"]["p50_ms"] for r in rounds])
     if len(rounds) > 1:
         row["rounds"] = rounds
     return row
@@ -351,9 +366,10 @@ def report(res: dict) -> None:
         line += f"p99 {o['p99_ms']:.2f} ms ({row['of_raw']:.2f} of raw)"
         if c:
             line += f" | Chroma {c['qps']:>6.0f} q/s p50 {c['p50_ms']:.2f} p99 {c['p99_ms']:.2f} ms"
-            ratio = o["qps"] / max(c["qps"], 1e-9)
-            line += f" | ours/Chroma {ratio:.1f}x q/s, p50 {o['p50_ms'] / c['p50_ms']:.2f}"
+            line += f" | ours/Chroma {row['qps_vs_chroma']:.1f}x q/s, p50 {row['p50_vs_chroma']:.2f}"
         print(line)
+    client = res["concurrency"][0]["ours"].get("client") if res["concurrency"] else None
+    print(f"load client: {client}")
     print(f"load average: start {res['load_start']}, end {res['load_end']}")
 
 
