@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,9 +15,8 @@ from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
 from service.app import create_app
 from service.settings import Settings
-from tests.helpers import free_port
+from tests.helpers import serving
 from tests.test_incremental import D, build, same_results
-from tests.test_server_process import started
 
 AUTH = {"Authorization": "Bearer secret"}
 
@@ -116,33 +112,14 @@ def test_the_openapi_document_lists_the_item_routes(tmp_path):
 @pytest.mark.parametrize("workers", [2])
 def test_a_real_server_adds_and_every_worker_serves_it(tmp_path, workers):
     root, _ = _root(tmp_path)
-    port = free_port()
     env = {
-        **os.environ,
         "AQE_INDEX_ROOT": str(root),
-        "AQE_PORT": str(port),
         "AQE_RELOAD_INTERVAL_S": "0",  # no polling: the reload must reach every worker by itself
         "AQE_ADMIN_TOKEN": "secret",
         "AQE_ALLOW_WRITES": "true",
         "AQE_WORKERS": str(workers),
     }
-    log_path = tmp_path / "server.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.main"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200 and started(log_path) >= workers:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("search-service did not become ready:\n" + log_path.read_text())
+    with serving(tmp_path / "server.log", env=env, workers=workers, timeout_s=60) as url:
         new = [[5.0] * D]
         r = httpx.post(
             f"{url}/admin/items", json={"embeddings": new, "ids": ["n0"]}, headers=AUTH, timeout=30
@@ -167,14 +144,7 @@ def test_a_real_server_adds_and_every_worker_serves_it(tmp_path, workers):
                 break
             time.sleep(0.1)
         else:
-            pytest.fail(f"not every worker serves {version}: saw {seen}\n" + log_path.read_text())
+            log = (tmp_path / "server.log").read_text()
+            pytest.fail(f"not every worker serves {version}: saw {seen}\n" + log)
         r = httpx.request("DELETE", f"{url}/admin/items", json={"ids": ["n0"]}, headers=AUTH, timeout=30)
         assert r.status_code == 200 and r.json()["n"] == 40
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()

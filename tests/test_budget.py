@@ -10,13 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from helpers import clustered_data, free_port
+from helpers import clustered_data, free_port, wait_ready
 from memcg import MemoryCgroup, unavailable
 
 from aqe_retrieval import artifact
@@ -306,7 +305,7 @@ def test_the_service_in_a_cgroup_smaller_than_its_version_keeps_answering(
         )
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, proc, tmp_path / "server.log")
+            wait_ready(url, proc, tmp_path / "server.log", timeout_s=60)
             served = []
             for _ in range(3):  # every query reads its lists and neighbour rows through the page cache
                 body = {"embeddings": queries.tolist(), "k": 10}
@@ -322,20 +321,6 @@ def test_the_service_in_a_cgroup_smaller_than_its_version_keeps_answering(
     got = [[Hit(int(h["id"]), h["score"]) for h in hits] for hits in served]
     _assert_same_hits(got, want, tol=1e-4)
     assert stat["total_rss"] < limit
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("search-service exited:\n" + log.read_text(errors="replace")[-3000:])
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail("search-service did not become ready:\n" + log.read_text(errors="replace")[-3000:])
 
 
 def test_a_build_that_cannot_fit_its_cgroup_says_so_and_exits_2(tmp_path, big_gallery):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from test_server_hardening import serving
+from helpers import serving
 
 from service.app import create_app
 from service.protocol import CONTINUE, HeadWithBody

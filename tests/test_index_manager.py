@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import serving
 
 from aqe_retrieval import artifact
 from index_builder.cli import main as builder
@@ -40,35 +38,13 @@ def build(root: Path, paths: dict[str, Path]) -> str:
 
 @contextmanager
 def service(root: Path, local: Path, log: Path, ready: bool = True) -> Iterator[str]:
-    port = free_port()
     env = {
-        **os.environ,
         "AQE_INDEX_ROOT": str(root),
-        "AQE_PORT": str(port),
-        "AQE_RELOAD_INTERVAL_S": "0.2",
         "AQE_LOCAL_COPY_DIR": str(local),
         "AQE_ADMIN_TOKEN": ADMIN_TOKEN,  # /info shows reload failure texts to the admin only
     }
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=out, stderr=out)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                assert time.monotonic() < deadline, "search-service did not start:\n" + log.read_text()
-                try:
-                    if (
-                        httpx.get(f"{url}/readyz" if ready else f"{url}/healthz", timeout=1).status_code
-                        == 200
-                    ):
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            yield url
-            assert proc.poll() is None, "search-service died:\n" + log.read_text()
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with serving(log, env=env, ready_path="/readyz" if ready else "/healthz") as url:
+        yield url
 
 
 def search(url: str, x: np.ndarray) -> httpx.Response:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import serving
 
 from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
@@ -129,31 +125,8 @@ def test_openapi_documents_ids_min_score_mode_and_the_404(client):
 
 
 def test_search_by_id_through_a_real_search_service(built_root, tmp_path):
-    with __import__("socket").socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "AQE_INDEX_ROOT": str(built_root),
-        "AQE_PORT": str(port),
-        "AQE_RELOAD_INTERVAL_S": "0",
-    }
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.main"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("search-service did not become ready:\n" + (tmp_path / "server.log").read_text())
+    env = {"AQE_INDEX_ROOT": str(built_root), "AQE_RELOAD_INTERVAL_S": "0"}
+    with serving(tmp_path / "server.log", env=env) as url:
         ok = httpx.post(f"{url}/search", json={"ids": ["img-00003", "img-00004"], "k": 3, "min_score": 0.5})
         assert [row[0]["id"] for row in ok.json()["results"]] == ["img-00003", "img-00004"]
         assert all(h["score"] >= 0.5 for row in ok.json()["results"] for h in row)
@@ -161,7 +134,3 @@ def test_search_by_id_through_a_real_search_service(built_root, tmp_path):
         assert missing.status_code == 404 and "img-99999" in missing.json()["detail"]
         raw = httpx.post(f"{url}/search", json={"id": "img-00003", "mode": "raw", "k": 2})
         assert raw.status_code == 200 and raw.json()["results"][0][0]["id"] == "img-00003"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        log.close()

@@ -14,15 +14,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import free_port, serving
 
 from index_builder.cli import main as builder
 
@@ -37,52 +35,6 @@ def root(tmp_path_factory, small_gallery) -> Path:
         args += [f"--{name}", str(paths[name])]
     assert builder(args) == 0
     return root
-
-
-@contextmanager
-def serving(
-    log: Path,
-    args: tuple[str, ...] | list[str] = (),
-    env: dict[str, str] | None = None,
-    workers: int = 1,
-    port: int | None = None,
-) -> Iterator[str]:
-    """``search-service ARGS`` with ``env`` until every worker is ready; yields its base URL.
-
-    The server listens on ``port`` (given as a flag in ``args``), else on a free port it is
-    told through ``AQE_PORT``.
-    """
-    if port is None:
-        port = free_port()
-        env = {"AQE_PORT": str(port), **(env or {})}
-    full_env = {**os.environ, "AQE_RELOAD_INTERVAL_S": "0.2", **(env or {})}
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.main", *args], env=full_env, stdout=out, stderr=subprocess.STDOUT
-        )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200 and (
-                        log.read_text(errors="replace").count("Application startup complete.") >= workers
-                    ):
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.poll() is None, "search-service exited:\n" + log.read_text()
-                time.sleep(0.1)
-            else:
-                pytest.fail("search-service did not become ready:\n" + log.read_text())
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_help_prints_usage_without_any_configuration():

@@ -7,19 +7,13 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from helpers import free_port
+from helpers import serving
 
 from index_builder.cli import main as builder
-
-
-def started(log: Path) -> int:
-    """How many worker processes have finished their start-up (the lifespan, so the first load)."""
-    return log.read_text(errors="replace").count("Application startup complete.")
 
 
 @pytest.fixture(params=[1, 2], ids=["1-worker", "2-workers"])
@@ -45,43 +39,10 @@ def server(request, tmp_path, small_gallery):
         )
         == 0
     )
-    port = free_port()
-    env = {
-        **os.environ,
-        "AQE_INDEX_ROOT": str(root),
-        "AQE_PORT": str(port),
-        "AQE_RELOAD_INTERVAL_S": "0.2",
-        "AQE_ADMIN_TOKEN": "secret",
-        "AQE_WORKERS": str(request.param),
-    }
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "service.main"], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                # every worker loads the version before its start-up completes (and says so)
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200 and (
-                    started(tmp_path / "server.log") >= request.param
-                ):
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        else:
-            pytest.fail("search-service did not become ready:\n" + (tmp_path / "server.log").read_text())
+    env = {"AQE_INDEX_ROOT": str(root), "AQE_ADMIN_TOKEN": "secret", "AQE_WORKERS": str(request.param)}
+    # every worker loads the version before its start-up completes (and says so)
+    with serving(tmp_path / "server.log", env=env, workers=request.param) as url:
         yield url, root, paths, request.param
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 def test_served_over_http_with_reload(server, small_gallery):
