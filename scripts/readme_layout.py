@@ -32,11 +32,12 @@ PACKAGES = {
 TESTS = (
     "one test module per module of the core (test_<module>.py), the programs' tests, end-to-end "
     "and reliability tests; reference.py is a numpy port of fast-reid's aqe (the oracle), "
-    "parity.py judges parity with it allowing exact ties, helpers.py makes seeded data"
+    "parity.py judges parity with it allowing exact ties, helpers.py makes seeded data and starts "
+    "real services"
 )
 # (folder, what it is, file pattern listed after it)
 FOLDERS = [
-    ("benchmarks", "the figures of the Benchmarks section", "*.py"),
+    ("benchmarks", "the figures of the Benchmarks section", "*"),
     ("scripts", "demo, data set, load and crash tests, this section", "*.py"),
     ("docker", "the image, compose file and deployment guide", "*"),
     ("deploy/k8s", "Kubernetes examples", "*.yaml"),
