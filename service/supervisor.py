@@ -8,9 +8,8 @@ connections on one worker every time, the other worker idle (0.0 of a core), 750
 
 Here each worker slot has its own listening socket, every one bound to the same address with
 ``SO_REUSEPORT``, and Linux spreads new connections over them by a hash of the connection's
-addresses: evenly on average, not per run. Measured (two workers, 32 wrk connections, five runs
-in a row): splits of 9/23, 14/18, 13/19, 13/19 and 10/22, and the q/s followed the balance
-(6,926 at 14/18, 6,368-6,640 at 13/19 and 10/22), since each worker's loop runs on one core.
+addresses: evenly on average, not per run (two workers, 32 wrk connections: from 9/23 to 16/16
+over 13 runs; q/s did not follow the split beyond the machine's drift).
 The sockets are the supervisor's: a worker that dies is replaced on its slot's socket,
 so the connections queued in that socket's backlog wait for the replacement instead of being
 reset. The rest of the supervision (restarting dead or hung workers, ``SIGHUP``, signals) is
