@@ -120,8 +120,23 @@ def serving(
     It listens on ``port`` (given as a flag in ``args``), else on a free port it is told through
     ``AQE_PORT``; ``AQE_RELOAD_INTERVAL_S`` is 0.2 unless ``env`` says otherwise. Its output goes
     to ``log``. The test fails if the process has exited by the end of the block; it is then
-    terminated (killed after 10 s).
+    terminated (killed after 15 s).
     """
+    with service_process(log, args, env, workers, port, ready_path, timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def service_process(
+    log: Path,
+    args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+    workers: int = 1,
+    port: int | None = None,
+    ready_path: str = "/readyz",
+    timeout_s: float = 30.0,
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """:func:`serving`, yielding the process too (its ``returncode`` is set once the block ends)."""
     if port is None:
         port = free_port()
         env = {"AQE_PORT": str(port), **(env or {})}
@@ -133,13 +148,13 @@ def serving(
         )
         try:
             wait_ready(url, proc, log, workers, ready_path, timeout_s)
-            yield url
+            yield url, proc
             if proc.poll() is not None:
                 pytest.fail("search-service exited during the test:\n" + _tail(log))
         finally:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

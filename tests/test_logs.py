@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-import time
 
-import httpx
-from helpers import free_port
+from helpers import serving
 
 
 def test_search_service_starts_without_faiss_loader_lines(tmp_path):
-    port = free_port()
-    env = {**os.environ, "AQE_INDEX_ROOT": str(tmp_path), "AQE_PORT": str(port), "AQE_RELOAD_INTERVAL_S": "0"}
+    env = {"AQE_INDEX_ROOT": str(tmp_path), "AQE_RELOAD_INTERVAL_S": "0"}
     log = tmp_path / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service.main"], env=env, stdout=out, stderr=out)
-        try:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
-            else:
-                raise AssertionError("search-service did not start:\n" + log.read_text())
-        finally:
-            proc.terminate()
-            proc.wait(10)
+    with serving(log, env=env, ready_path="/healthz"):  # no version to load: alive, not ready
+        pass
     text = log.read_text()
     assert "Application startup complete" in text  # INFO lines still come through
     assert "faiss.loader" not in text and "AVX" not in text, text
