@@ -10,12 +10,12 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from helpers import serving
 
 from aqe_retrieval import artifact
 from aqe_retrieval.searcher import Searcher
 from service.app import create_app
 from service.settings import Settings
-from tests.helpers import serving
 from tests.test_incremental import D, build, same_results
 
 AUTH = {"Authorization": "Bearer secret"}
