@@ -26,7 +26,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_vs_chroma import free_port, wait_http  # noqa: E402
+from bench_vs_chroma import free_port, stop, wait_http  # noqa: E402
 from http_load import run_in_subprocess  # noqa: E402
 
 
@@ -84,8 +84,7 @@ def main() -> None:
             res["rounds"].append(row)
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc, grace_s=60)
     res["load_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(res, indent=2), file=sys.stderr)
     first = variants[0][0]

@@ -101,6 +101,16 @@ def wait_http(url: str, seconds: float = 300) -> None:
     raise SystemExit(f"{url} did not answer 200 within {seconds:g} s")
 
 
+def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
+    """Terminate ``proc`` and wait for it; kill it if it has not exited within ``grace_s``."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def recall(got: list[list[int]], truth: np.ndarray, k: int) -> float:
     return float(
         np.mean([len(set(g[:k]) & set(t[:k].tolist())) / k for g, t in zip(got, truth, strict=True)])
@@ -314,8 +324,7 @@ def main() -> None:
             res["concurrency"].append(level_medians(c, rounds))
     finally:
         for proc in procs:
-            proc.terminate()
-            proc.wait(timeout=60)
+            stop(proc, grace_s=60)
     res["load_end"] = [round(v, 2) for v in os.getloadavg()]
     print(json.dumps(res, indent=2))
     report(res)

@@ -21,8 +21,8 @@ requests), each read before and after the load. In process, one thread:
     answered from a cache (the same hits every time), ``--concurrency`` requests at a time (one
     event loop turn, on-loop batching): what the app adds to a request, without the metrics'
     multiprocess files;
-  * **search**: ``Searcher.search_checked`` a query at batch 1, 5 and 32 (FAISS with one thread,
-    as the service runs it).
+  * **search**: ``Searcher.search`` (the queries' checks, then ``search_checked``) a query at
+    batch 1, 5 and 32 (FAISS with one thread, as the service runs it).
 
     python benchmarks/http_floor.py --root var/vb/features_root_auto \\
         --queries var/vb/features_queries.npy --workers 2 --rounds 3
@@ -47,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_service import batch_qps  # noqa: E402
-from bench_vs_chroma import free_port, wait_http  # noqa: E402
+from bench_vs_chroma import free_port, stop, wait_http  # noqa: E402
 from http_load import run_in_subprocess  # noqa: E402
 
 FLOOR_BODY = json.dumps(
@@ -115,15 +115,6 @@ def client_cpu() -> float:
 
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def app_cost(root: Path, queries: np.ndarray, k: int, concurrency: int, requests: int) -> float:
@@ -195,13 +186,13 @@ def searcher_of(root: Path) -> Any:
 
 
 def search_cost(searcher: Any, queries: np.ndarray, k: int, batch: int, repeat: int = 3) -> float:
-    """Microseconds a query of ``Searcher.search_checked`` at ``batch`` (best of ``repeat``)."""
+    """Microseconds a query of ``Searcher.search`` at ``batch`` (best of ``repeat``)."""
     rows = len(queries) // batch * batch
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
         for lo in range(0, rows, batch):
-            searcher.search_checked(searcher.check_queries(queries[lo : lo + batch]), k)
+            searcher.search(queries[lo : lo + batch], k)
         best = min(best, (time.perf_counter() - t0) / rows * 1e6)
     return best
 
@@ -299,7 +290,7 @@ def main() -> None:
     app = res["app_us_per_request"]
     print(f"  app in process, search cached, {a.concurrency} at a time: {app:.0f} us a request")
     print(
-        "  Searcher.search_checked in process, one thread: "
+        "  Searcher.search in process, one thread: "
         + ", ".join(f"batch {b} {us:.0f} us" for b, us in res["search_us_per_query"].items())
         + " a query"
     )
