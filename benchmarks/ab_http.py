@@ -26,8 +26,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_vs_chroma import free_port, stop, wait_http  # noqa: E402
 from http_load import run_in_subprocess  # noqa: E402
+from servers import free_port, stop, wait_http  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))
 from memcg import MemoryCgroup, unavailable  # noqa: E402
+from servers import free_port, stop, wait_http  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 from index_builder.budget import format_size, parse_size  # noqa: E402
@@ -56,19 +57,14 @@ def serve(root: Path, dim: int, limit: int, queries: int) -> dict:
     """p50/p99 of single-query HTTP searches of ``root`` by a service in a cgroup of ``limit``."""
     import httpx
 
-    with socket_port() as port, MemoryCgroup(limit, "aqe-bench-svc") as cg:
+    port = free_port()
+    with MemoryCgroup(limit, "aqe-bench-svc") as cg:
         env = {**os.environ, "PYTHONPATH": str(HERE.parent), "AQE_INDEX_ROOT": str(root)}
         env |= {"AQE_PORT": str(port), "AQE_RELOAD_INTERVAL_S": "0", "AQE_LOG_LEVEL": "WARNING"}
         proc = subprocess.Popen(cg.command([sys.executable, "-m", "service.main"]), env=env)
         try:
             url = f"http://127.0.0.1:{port}"
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.2)
+            wait_http(f"{url}/readyz", 120)
             rng = np.random.default_rng(1)
             xq = rng.standard_normal((queries, dim)).astype(np.float32)
             took, peak = [], 0
@@ -82,8 +78,7 @@ def serve(root: Path, dim: int, limit: int, queries: int) -> dict:
                     peak = max(peak, cg.stat().get("total_rss", 0))
             stat = cg.stat()
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop(proc, 30)
     ms = np.array(took) * 1000
     return {
         "p50_ms": float(np.percentile(ms, 50)),
@@ -92,20 +87,6 @@ def serve(root: Path, dim: int, limit: int, queries: int) -> dict:
         "cache": stat.get("total_cache", 0),
         "alive": proc.returncode in (0, -15),
     }
-
-
-class socket_port:
-    """A free loopback port (context manager)."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main() -> None:

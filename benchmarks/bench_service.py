@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from http_load import run_in_subprocess  # noqa: E402
+from servers import free_port, stop, wait_http  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 
@@ -292,9 +292,7 @@ def main() -> None:
         }
         res.update(raw_anchors(root, queries, a.k, a.repeat, a.seconds))
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         env = {
             **os.environ,
             "AQE_INDEX_ROOT": str(root),
@@ -305,7 +303,8 @@ def main() -> None:
         server = subprocess.Popen([sys.executable, "-m", "service.main"], env=env)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_ready(url, a.workers)
+            wait_http(f"{url}/readyz", 120)
+            time.sleep(1.0 if a.workers > 1 else 0)  # the other workers load too
             one = run_in_subprocess(url, queries, a.k, 1, a.seconds, tmpdir)
             res["http_p50_ms"], res["http_p99_ms"] = one["p50_ms"], one["p99_ms"]
             floor = run_in_subprocess(url, queries, a.k, 1, a.seconds, tmpdir, path="/healthz")
@@ -318,8 +317,7 @@ def main() -> None:
             if a.profile:
                 res["profile"] = profile(server, url, queries, a.k, max(a.seconds, 8), tmpdir)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            stop(server, 30)
         res["load_1min_end"] = round(os.getloadavg()[0], 2)
 
     print(json.dumps(res, indent=2))
@@ -350,21 +348,6 @@ def main() -> None:
         )
     if a.json:
         a.json.write_text(json.dumps(res, indent=2))
-
-
-def _wait_ready(url: str, workers: int) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                time.sleep(1.0 if workers > 1 else 0)  # the other workers load too
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit("the service did not become ready in 120 s")
 
 
 if __name__ == "__main__":

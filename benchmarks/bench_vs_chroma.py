@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -51,6 +50,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_service import batch_qps  # noqa: E402
 from http_load import CLIENTS, run_in_subprocess  # noqa: E402
+from servers import free_port, stop, wait_http  # noqa: E402
 from synthetic import generate  # noqa: E402
 
 COLLECTION = "bench"
@@ -79,36 +79,6 @@ for lo in range(0, len(q), 100):
     ids += col.query(query_embeddings=q[lo : lo + 100], n_results=k, include=[])["ids"]
 print(json.dumps([[int(i) for i in row] for row in ids]))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, seconds: float = 300) -> None:
-    import httpx
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer 200 within {seconds:g} s")
-
-
-def stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
-    """Terminate ``proc`` and wait for it; kill it if it has not exited within ``grace_s``."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def recall(got: list[list[int]], truth: np.ndarray, k: int) -> float:

@@ -47,8 +47,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from bench_service import batch_qps  # noqa: E402
-from bench_vs_chroma import free_port, stop, wait_http  # noqa: E402
 from http_load import run_in_subprocess  # noqa: E402
+from servers import free_port, stop, wait_http  # noqa: E402
 
 FLOOR_BODY = json.dumps(
     {"index_version": "floor", "results": [[{"id": str(i), "score": 0.5} for i in range(10)]]}
