@@ -48,7 +48,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_service import batch_qps  # noqa: E402
+from bench_service import raw_batch32_qps  # noqa: E402
 from http_load import CLIENTS, run_in_subprocess  # noqa: E402
 from servers import free_port, stop, wait_http  # noqa: E402
 from synthetic import generate  # noqa: E402
@@ -208,18 +208,9 @@ def main() -> None:
     truth_ours = exact_knn(normalize_rows(served.expand(served.check_queries(queries)))[0], expanded, k)[1]
     raw_rows = np.asarray(served.artifact.levels[0].rows)
     truth_raw = exact_knn(normalize_rows(queries)[0], raw_rows, k)[1]
-    import faiss
-
-    cores = os.cpu_count() or 1
 
     def raw_qps() -> float:
-        """Raw batch-32 q/s now: the better of a thread a core and one thread with FAISS on every core."""
-        faiss.omp_set_num_threads(1)
-        per_core = batch_qps(served, queries, k, a.seconds, cores)
-        faiss.omp_set_num_threads(cores)
-        one = batch_qps(served, queries, k, a.seconds, 1)
-        faiss.omp_set_num_threads(1)
-        return round(max(per_core, one), 1)
+        return raw_batch32_qps(served, queries, k, a.seconds)
 
     res["raw_batch32_qps"] = raw_qps()
 

@@ -11,7 +11,8 @@ where it is installed) with the same JSON bodies at ``--clients`` connections, i
   * **service**: ``search-service`` on ``--root`` with ``--workers`` processes;
 
 and, before each round, the raw anchor of bench_vs_chroma.py (``Searcher.search`` at batch 32,
-one thread per core) that the service's q/s is read against. Each is also given as CPU a
+the better of a thread per core and one thread with FAISS on every core:
+``bench_service.raw_batch32_qps``) that the service's q/s is read against. Each is also given as CPU a
 request (the machine's cores divided by the q/s: servers and client share the cores), split
 into the server processes' user and kernel time and the load client's (``wrk`` and the Python
 process that runs it, its start-up and answer checks included: a fixed cost spread over the
@@ -46,7 +47,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from bench_service import batch_qps  # noqa: E402
+from bench_service import raw_batch32_qps  # noqa: E402
 from http_load import run_in_subprocess  # noqa: E402
 from servers import free_port, stop, wait_http  # noqa: E402
 
@@ -231,7 +232,7 @@ def main() -> None:
     }
     searcher = searcher_of(a.root)
     for _ in range(a.rounds):
-        row: dict = {"raw_batch32_qps": round(batch_qps(searcher, queries, a.k, a.seconds, cores), 1)}
+        row: dict = {"raw_batch32_qps": raw_batch32_qps(searcher, queries, a.k, a.seconds)}
         for name, (cmd, env) in servers.items():
             port = free_port()
             url = f"http://127.0.0.1:{port}"
@@ -284,7 +285,7 @@ def main() -> None:
             f"load client {got['client_us']:.0f} us (start-up included)"
         )
     raw = res["raw_batch32_qps"]
-    anchor = f"Searcher.search, batch 32, {cores} threads"
+    anchor = "Searcher.search, batch 32"
     print(f"  raw      {raw:7.0f} q/s ({anchor}): {cores / raw * 1e6:.0f} us a query")
     print(f"  service / raw: {res['service_of_raw']:.2f} (median of the rounds' own ratios)")
     app = res["app_us_per_request"]
